@@ -1,0 +1,144 @@
+"""Device choice, CPU allocator tuning and CUDA out-of-memory retries."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# glibc mallopt parameter ids (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+# name -> (mmap threshold, trim threshold, top pad) in bytes. glibc returns freed blocks to the
+# OS and re-faults them on the next large tensor; on small VMs that made CPU inference 1.5-3.6x
+# slower (ENVIRONMENT.md). "moderate" keeps most of the gain at a lower peak RSS.
+ALLOCATOR_MODES: dict[str, tuple[int, int, int] | None] = {
+    "off": None,
+    "moderate": (32 << 20, 256 << 20, 64 << 20),
+    "aggressive": (1 << 30, 4 << 30, 1 << 30),
+}
+_allocator_mode = "off"
+
+
+def tune_cpu_allocator(mode: str | None = None) -> str:
+    """Apply glibc ``mallopt`` settings so large CPU tensors are not re-faulted every call.
+
+    Args:
+        mode: ``"off"``, ``"moderate"`` or ``"aggressive"``; ``None`` reads the environment
+            variable ``NAPARI_MEDSEG_MALLOC`` (default ``"moderate"``).
+
+    Returns:
+        The mode in effect afterwards (``"off"`` where glibc is not available).
+    """
+    global _allocator_mode
+    mode = mode or os.environ.get("NAPARI_MEDSEG_MALLOC", "moderate")
+    if mode not in ALLOCATOR_MODES:
+        raise ValueError(f"allocator mode must be one of {sorted(ALLOCATOR_MODES)}, got {mode!r}")
+    values = ALLOCATOR_MODES[mode]
+    if values is None or not sys.platform.startswith("linux"):
+        return _allocator_mode
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return _allocator_mode
+    mmap, trim, pad = values
+    ok = all(
+        mallopt(ctypes.c_int(param), ctypes.c_int(min(value, 2**31 - 1)))
+        for param, value in ((_M_MMAP_THRESHOLD, mmap), (_M_TRIM_THRESHOLD, trim), (_M_TOP_PAD, pad))
+    )
+    if ok:
+        _allocator_mode = mode
+    return _allocator_mode
+
+
+def allocator_mode() -> str:
+    """The allocator mode applied so far in this process."""
+    return _allocator_mode
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Pick a torch device.
+
+    Args:
+        device: ``"auto"``/``None`` (CUDA, then Apple MPS, then CPU), or an explicit
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+
+    Raises:
+        ValueError: If an explicit device is not available on this machine.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here")
+    if dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError("device 'mps' was asked for, but Apple MPS is not available here")
+    return dev
+
+
+def available_devices() -> list[str]:
+    """Device names a user can choose on this machine, ``"auto"`` first."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+class OutOfMemory(RuntimeError):
+    """Raised when a batch does not fit even at size 1; the message suggests what to do."""
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def with_oom_retry(fn: Callable[[int], T], batch_size: int, what: str = "this step") -> T:
+    """Call ``fn(batch_size)``, halving the batch after each out-of-memory error.
+
+    Args:
+        fn: Work that takes a batch size.
+        batch_size: First batch size to try.
+        what: Words for the error message.
+
+    Raises:
+        OutOfMemory: If even batch size 1 runs out of memory.
+    """
+    size = max(1, int(batch_size))
+    while True:
+        try:
+            return fn(size)
+        except RuntimeError as err:
+            if not _is_oom(err):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise OutOfMemory(
+                    f"out of memory for {what} even at batch size 1; choose a smaller input or "
+                    "crop size, close other GPU programs, or run on the CPU"
+                ) from err
+            size //= 2
+            log.warning("out of memory for %s; retrying with batch size %d", what, size)

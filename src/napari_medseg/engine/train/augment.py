@@ -1,0 +1,134 @@
+"""Online 2-D augmentation on (C, H, W) images and (H, W) labels, numpy in and out.
+
+Transforms are callables ``(image, label, rng) -> (image, label)`` so a network can put its
+own (e.g. STS-Net's small-target zoom) in front of the generic ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Transform = Callable[
+    [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
+]
+
+
+def flip_rot90(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random horizontal/vertical flip and 90° rotation (label-exact)."""
+    k = int(rng.integers(4))
+    image, label = np.rot90(image, k, axes=(1, 2)), np.rot90(label, k)
+    if rng.random() < 0.5:
+        image, label = image[:, :, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def affine(
+    image: np.ndarray,
+    label: np.ndarray,
+    angle: float,
+    scale: float,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate (degrees) and scale about the centre; bilinear image, nearest label.
+
+    Args:
+        image: (C, H, W) float.
+        label: (H, W) int.
+        angle: Rotation in degrees.
+        scale: Zoom factor (>1 enlarges the content).
+        shift: Translation as a fraction of (H, W).
+    """
+    a = math.radians(angle)
+    cos, sin = math.cos(a) / scale, math.sin(a) / scale
+    theta = torch.tensor(
+        [[cos, -sin, 2 * shift[1]], [sin, cos, 2 * shift[0]]], dtype=torch.float32
+    )[None]
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    lab = torch.from_numpy(np.ascontiguousarray(label)).float()[None, None]
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
+    img = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    lab = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return img[0].numpy(), lab[0, 0].numpy().astype(label.dtype)
+
+
+def make_random_affine(max_angle: float, scale_range: tuple[float, float], p: float) -> Transform:
+    """A transform applying :func:`affine` with probability ``p``."""
+
+    def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if rng.random() >= p:
+            return image, label
+        angle = float(rng.uniform(-max_angle, max_angle))
+        scale = float(np.exp(rng.uniform(*np.log(scale_range))))
+        return affine(image, label, angle, scale)
+
+    return apply
+
+
+def make_intensity(strength: float) -> Transform:
+    """Random brightness, contrast and gamma, clipped to ``[0, 1]``."""
+
+    def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        gamma = float(np.exp(rng.uniform(-strength, strength)))
+        contrast = 1 + float(rng.uniform(-strength, strength))
+        bright = float(rng.uniform(-strength, strength)) * 0.5
+        out = np.clip(image, 0, 1) ** gamma
+        out = (out - out.mean()) * contrast + out.mean() + bright
+        return np.clip(out, 0, 1).astype(np.float32), label
+
+    return apply
+
+
+PRESETS: dict[str, tuple[float, tuple[float, float], float, float]] = {
+    # name: (max angle, scale range, affine probability, intensity strength)
+    "light": (10.0, (0.9, 1.1), 0.3, 0.1),
+    "default": (25.0, (0.8, 1.25), 0.5, 0.2),
+    "strong": (40.0, (0.7, 1.4), 0.7, 0.3),
+}
+
+
+def generic_transforms(preset: str) -> list[Transform]:
+    """The shared augmentation chain for a preset name (``"none"`` gives no transform)."""
+    if preset == "none":
+        return []
+    angle, scales, p, strength = PRESETS[preset]
+    return [flip_rot90, make_random_affine(angle, scales, p), make_intensity(strength)]
+
+
+def apply_chain(
+    transforms: Sequence[Transform], image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply transforms in order."""
+    for t in transforms:
+        image, label = t(image, label, rng)
+    return image, label
+
+
+def random_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    foreground_bias: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop (or zero-pad) to ``size``²; with probability ``foreground_bias`` the crop contains
+    a random foreground pixel, so small targets are not cropped away.
+    """
+    c, h, w = image.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        image = np.pad(image, ((0, 0), (0, ph), (0, pw)))
+        label = np.pad(label, ((0, ph), (0, pw)))
+        h, w = label.shape
+    fg = np.argwhere(label > 0) if rng.random() < foreground_bias else np.empty((0, 2))
+    if len(fg):
+        cy, cx = fg[int(rng.integers(len(fg)))]
+        y0 = int(np.clip(cy - rng.integers(size), 0, h - size))
+        x0 = int(np.clip(cx - rng.integers(size), 0, w - size))
+    else:
+        y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+    return image[:, y0 : y0 + size, x0 : x0 + size], label[y0 : y0 + size, x0 : x0 + size]
