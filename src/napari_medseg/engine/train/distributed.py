@@ -60,6 +60,18 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
+    def broadcast_state(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers to every process.
+
+        DDP keeps parameters in step, but BatchNorm statistics from each process's last
+        forward pass differ; validating and snapshotting after this keeps ranks identical.
+        """
+        if self.world <= 1:
+            return
+        with torch.no_grad():
+            for t in module.state_dict().values():
+                dist.broadcast(t, 0)
+
     def barrier(self) -> None:
         """Wait for every process."""
         if self.world > 1:

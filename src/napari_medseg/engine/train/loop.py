@@ -94,6 +94,9 @@ def finetune(
     device = ctx.device_for(device)
     seg.device = device
     seed_everything(opts.seed)
+    if not seg.trained:
+        # Random weights: draw them from the training seed so a run is reproducible.
+        seg.module = seg.build_module().to(device)
     data = seg.make_train_data(images, labels, unlabeled, opts)
     seg.prepare_for_training(data)
     seg.module.to(device)
@@ -142,6 +145,7 @@ def finetune(
             scaler.update()
             last = step + 1 == total
             if (step + 1) % val_every == 0 or last:
+                ctx.broadcast_state(seg.module)
                 metrics = {k: ctx.mean(v) for k, v in data.validate(seg).items()}
                 score = metrics.get("val_dice", -loss.item())
                 if score > best:

@@ -1,0 +1,112 @@
+"""The shared training loop, on the toy network: learning, reproducibility, cancel, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import disc_image
+
+import napari_medseg as nms
+from napari_medseg.engine.metrics import dice
+from napari_medseg.engine.train.data import TrainingDataError
+
+
+def _run(gen):
+    last = None
+    for p in gen:
+        last = p
+    return last
+
+
+def test_overfit_one_image(toy_registered):
+    seg = toy_registered(device="cpu")
+    image, mask = disc_image()
+    last = _run(seg.finetune(image, mask, steps=80, seed=0, augment="none"))
+    assert last.done and last.step == 80 and last.total == 80
+    assert "augmented views" in last.message  # one labeled slice → validation on augmented views
+    assert dice(seg.segment(image) == 1, mask == 1) >= 0.95
+
+
+def test_same_seed_same_weights(toy_registered):
+    image, mask = disc_image()
+    weights = []
+    for _ in range(2):
+        seg = toy_registered(device="cpu")
+        _run(seg.finetune(image, mask, steps=5, seed=3))
+        weights.append(seg.checkpoint_tensors())
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_validation_never_empty(toy_registered):
+    from napari_medseg.engine.train.data import SliceData
+    from napari_medseg.engine.train.options import TrainOptions
+
+    seg = toy_registered(device="cpu")
+    images, labels = zip(*[disc_image(seed=i) for i in range(3)])
+    vol, lab = np.stack(images), np.stack(labels)
+    lab[1] = 0  # one unpainted slice → unlabeled
+    for frac in (0.0, 0.1, 0.5, 0.9):
+        data = SliceData.from_arrays(seg, vol, lab, None, TrainOptions(steps=1, val_fraction=frac))
+        assert len(data.val) >= 1 and len(data.train) >= 1
+        assert len(data.train) + len(data.val) == 2 and len(data.unlabeled) == 1
+
+
+def test_cancel_keeps_loadable_best_checkpoint(toy_registered, tmp_path):
+    seg = toy_registered(device="cpu")
+    image, mask = disc_image()
+    path = tmp_path / "best.safetensors"
+    gen = seg.finetune(image, mask, steps=100, val_every=2, checkpoint=str(path))
+    for p in gen:
+        if p.step == 7:
+            break
+    gen.close()  # what the widget's Cancel does
+    again = nms.load_model(path, device="cpu")
+    assert again.trained and again.provenance["step"] in (2, 4, 6)
+    assert seg.trained
+
+
+def test_resume_continues_step_count(toy_registered, tmp_path):
+    path = tmp_path / "r.safetensors"
+    image, mask = disc_image()
+    seg = toy_registered(device="cpu")
+    _run(seg.finetune(image, mask, steps=4, val_every=2, checkpoint=str(path)))
+    saved_at = nms.load_model(path).provenance["step"]
+    assert saved_at in (2, 4)
+    seg2 = toy_registered(device="cpu")
+    first = next(iter(seg2.finetune(image, mask, steps=6, val_every=2, checkpoint=str(path), resume=True)))
+    assert first.step == saved_at + 1
+
+
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (np.zeros((64, 64), np.uint8), "no label painted"),
+        (np.ones((60, 64), np.uint8), "do not match"),
+        (np.full((64, 64), 200, np.uint8), "at most"),
+        (np.full((64, 64), -1, np.int16), "negative"),
+    ],
+)
+def test_bad_training_input(toy_registered, labels, match):
+    seg = toy_registered(device="cpu")
+    image, _ = disc_image()
+    with pytest.raises(TrainingDataError, match=match):
+        next(iter(seg.finetune(image, labels, steps=2)))
+
+
+def test_untrained_network_refuses_to_segment(toy_registered):
+    from napari_medseg.engine.segmenter import NotTrainedError
+
+    seg = toy_registered(device="cpu")
+    with pytest.raises(NotTrainedError, match="fine-tune it"):
+        seg.segment(disc_image()[0])
+
+
+def test_multi_class_from_labels(toy_registered):
+    seg = toy_registered(device="cpu")
+    image, mask = disc_image()
+    lab = mask.copy()
+    lab[:10, :10] = 2
+    _run(seg.finetune(image, lab, steps=2, class_names=["disc", "corner"]))
+    assert seg.class_names == ["background", "disc", "corner"] and seg.num_classes == 3
