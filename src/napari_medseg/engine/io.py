@@ -71,8 +71,8 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
         if suffix == ".npy":
             data = np.load(p, allow_pickle=False)
             return ImageData(data, (1.0,) * data.ndim, {"source": str(p), "format": "npy"})
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"cannot read {p.name}: {err}") from None
+    except Exception as err:  # decoders raise many types (ImageFileError, OSError, zlib.error)
+        raise ValueError(f"cannot read {p.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     raise ValueError(
         f"unsupported file type {suffix!r} for {p.name}; use NIfTI, TIFF, PNG, JPEG or .npy"
     )
