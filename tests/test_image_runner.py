@@ -82,3 +82,44 @@ def test_failed_run_does_not_touch_input(toy):
     with pytest.raises(ImageError):
         toy.segment(image)
     np.testing.assert_array_equal(image, before)
+
+
+def test_out_of_memory_retries_with_smaller_batches(toy):
+    from napari_medseg.engine.device import OutOfMemory
+
+    calls = []
+    real = toy.logits
+
+    def flaky(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x)
+
+    toy.logits = flaky
+    vol = np.random.default_rng(0).random((5, 32, 32)).astype(np.float32)
+    out = toy.segment(vol)
+    assert out.shape == (5, 32, 32) and calls[0] == 4 and set(calls[-5:]) == {1}
+
+    def always(x):
+        raise RuntimeError("CUDA out of memory")
+
+    toy.logits = always
+    with pytest.raises(OutOfMemory, match="one slice at a time"):
+        toy.segment(vol)
+
+
+def test_training_out_of_memory_suggests_smaller_batch(toy_registered, monkeypatch):
+    from conftest import disc_image
+
+    from napari_medseg.engine.device import OutOfMemory
+
+    seg = toy_registered(device="cpu")
+
+    def oom(module, batch):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(seg, "training_loss", oom)
+    image, mask = disc_image()
+    with pytest.raises(OutOfMemory, match="try batch size 2"):
+        next(iter(seg.finetune(image, mask, steps=3, batch_size=4)))

@@ -111,8 +111,15 @@ class OutOfMemory(RuntimeError):
     """Raised when a batch does not fit even at size 1; the message suggests what to do."""
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error from torch (CUDA, MPS or CPU)."""
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def free_cuda_cache() -> None:
+    """Return cached CUDA blocks after an out-of-memory error (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def with_oom_retry(fn: Callable[[int], T], batch_size: int, what: str = "this step") -> T:
@@ -131,10 +138,9 @@ def with_oom_retry(fn: Callable[[int], T], batch_size: int, what: str = "this st
         try:
             return fn(size)
         except RuntimeError as err:
-            if not _is_oom(err):
+            if not is_oom(err):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_cuda_cache()
             if size == 1:
                 raise OutOfMemory(
                     f"out of memory for {what} even at batch size 1; choose a smaller input or "

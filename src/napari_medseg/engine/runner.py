@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_medseg.engine.device import OutOfMemory, free_cuda_cache, is_oom
 from napari_medseg.engine.progress import Progress
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -188,17 +189,31 @@ def run_slices(
     out = np.zeros((z,) + data.shape[2:], dtype=np.int32)
     tiled = working_size > input_size
     step = 1 if tiled else max(1, batch_size)
+    start = 0
     with torch.inference_mode():
-        for start in range(0, z, step):
+        while start < z:
             chunk = torch.from_numpy(data[start : start + step]).to(device)
-            if tiled:
-                gen = predict_slice_logits(chunk[0], fn, input_size, working_size, overlap, batch_size)
-                logits = yield from _forward_tiles(gen, start, z)
-                logits = logits[None]
-            else:
-                logits = batched_fit_logits(chunk, fn, input_size)
+            try:
+                if tiled:
+                    gen = predict_slice_logits(chunk[0], fn, input_size, working_size, overlap, batch_size)
+                    logits = (yield from _forward_tiles(gen, start, z))[None]
+                else:
+                    logits = batched_fit_logits(chunk, fn, input_size)
+            except RuntimeError as err:
+                # A CUDA out-of-memory error retries with half the slices (or tiles) per call.
+                if not is_oom(err):
+                    raise
+                free_cuda_cache()
+                if step == 1 and (not tiled or batch_size == 1):
+                    raise OutOfMemory(
+                        f"out of memory on {device} even for one slice at a time; choose a "
+                        "smaller working size, close other GPU programs, or run on the CPU"
+                    ) from err
+                step, batch_size = max(1, step // 2), max(1, batch_size // 2)
+                continue
             out[start : start + len(chunk)] = logits.argmax(1).to(torch.int32).cpu().numpy()
-            yield Progress(min(start + step, z), z, f"slice {min(start + step, z)}/{z}")
+            start += len(chunk)
+            yield Progress(start, z, f"slice {start}/{z}")
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_medseg.engine.device import resolve_device
+from napari_medseg.engine.device import OutOfMemory, free_cuda_cache, is_oom, resolve_device
 from napari_medseg.engine.train.distributed import DistContext
 from napari_medseg.engine.train.options import TrainOptions, TrainProgress
 
@@ -129,15 +129,25 @@ def finetune(
             for group in optim.param_groups:
                 group["lr"] = opts.lr * lr_factor(step, total, opts.schedule, opts.warmup)
             batch = {k: v.to(device) for k, v in data.sample_batch(rng, opts.batch_size).items()}
-            with torch.autocast("cuda", enabled=use_amp):
-                loss, terms = wrapped(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"the loss became {float(loss)} at step {step + 1}; lower the learning rate "
-                    f"(now {opts.lr:g}) or check the labels"
-                )
-            optim.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            try:
+                with torch.autocast("cuda", enabled=use_amp):
+                    loss, terms = wrapped(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {float(loss)} at step {step + 1}; lower the learning "
+                        f"rate (now {opts.lr:g}) or check the labels"
+                    )
+                optim.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+            except RuntimeError as err:
+                if not is_oom(err):
+                    raise
+                free_cuda_cache()
+                smaller = max(1, opts.batch_size // 2)
+                raise OutOfMemory(
+                    f"batch size {opts.batch_size} with crop {opts.crop_size or seg.input_size} does "
+                    f"not fit in memory on {device}; try batch size {smaller} or a smaller crop size"
+                ) from err
             if opts.grad_clip:
                 scaler.unscale_(optim)
                 torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
