@@ -1,0 +1,95 @@
+"""Take the screenshots of docs/widgets/*.md from the real widgets (run under Xvfb).
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/widgets/make_screenshots.py
+
+It opens the 3D sample (MNI152 T1 with tissue labels), keeps the labels of five axial slices as
+if a user had painted them, fine-tunes STS-Net on them for a few steps in the Fine-tune widget,
+then segments an unpainted slice with the new session model in the Segment widget. Writes
+docs/images/widget-finetune.png and docs/images/widget-segment.png.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp())
+os.environ.setdefault("XDG_DATA_HOME", tempfile.mkdtemp())
+
+import napari  # noqa: E402
+import numpy as np  # noqa: E402
+from qtpy.QtWidgets import QApplication  # noqa: E402
+
+from napari_medseg._sample_data import sample_3d  # noqa: E402
+from napari_medseg.widgets.finetune import FinetuneWidget  # noqa: E402
+from napari_medseg.widgets.segment import SegmentWidget  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "images"
+STEPS = int(os.environ.get("SHOT_STEPS", "8"))
+PAINTED = (30, 40, 50, 60, 70)
+
+
+def wait(widget: object, timeout: float = 1800) -> None:
+    """Process Qt events until the widget's job has ended."""
+    t0 = time.time()
+    while widget.job is not None and widget.job.running:  # type: ignore[attr-defined]
+        QApplication.processEvents()
+        time.sleep(0.05)
+        if time.time() - t0 > timeout:
+            sys.exit("timed out")
+
+
+def main() -> None:
+    """Fine-tune, segment, and save both screenshots."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    (img, img_kw, _), (lab, lab_kw, _) = sample_3d()
+    image = viewer.add_image(img, **img_kw)
+    painted = np.zeros_like(lab)
+    for z in PAINTED:
+        painted[z] = lab[z]
+    lab_kw = {**lab_kw, "name": "painted (5 slices)", "visible": True}
+    viewer.add_labels(painted, **lab_kw)
+    viewer.dims.set_point(0, PAINTED[2] * image.scale[0])
+
+    ft = FinetuneWidget(viewer)
+    ft_dock = viewer.window.add_dock_widget(ft, name="Fine-tune (MedSeg)", area="right")
+    seg = SegmentWidget(viewer)
+    seg_dock = viewer.window.add_dock_widget(seg, name="Segment (MedSeg)", area="right", tabify=True)
+    ft.network.setCurrentText("sts-net")
+    ft.image.set_layer(image.name)
+    ft.labels.set_layer("painted (5 slices)")
+    ft.steps.setValue(STEPS)
+    ft.batch_size.setValue(2)
+    ft.lr.setValue(1e-3)
+    ft.checkpoint.setText(str(Path(tempfile.mkdtemp()) / "sts-net-mni.safetensors"))
+    ft.start()
+    wait(ft)
+    ft_dock.raise_()
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget-finetune.png"), canvas_only=False)
+
+    # Segmenting all 98 slices with a ResNeXt-50 takes minutes on 2 CPUs; one slice shows it.
+    z = PAINTED[2] + 5
+    one = viewer.add_image(img[z], name=f"T1 slice {z}", scale=image.scale[1:])
+    for layer in viewer.layers:
+        layer.visible = layer is one
+    name = seg.session.names()[-1]
+    seg.select_network(name)
+    viewer.layers.selection.active = one
+    seg.run()
+    wait(seg)
+    seg_dock.raise_()
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget-segment.png"), canvas_only=False)
+    print(ft.status.text())  # noqa: T201 (script output)
+    print(seg.status.text())  # noqa: T201
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The Segment dock widget in a real napari viewer (Xvfb via pytest-xvfb), with the toy network."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+# napari reads its settings folder at import: keep it out of HOME.
+_XDG = tempfile.mkdtemp(prefix="medseg-xdg-")
+os.environ.setdefault("XDG_CONFIG_HOME", _XDG)
+os.environ.setdefault("XDG_CACHE_HOME", _XDG)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+napari = pytest.importorskip("napari")
+
+from napari.layers import Labels  # noqa: E402
+
+from napari_medseg.engine import registry  # noqa: E402
+from napari_medseg.engine.api import load_model  # noqa: E402
+from napari_medseg.widgets import _layers  # noqa: E402
+from napari_medseg.widgets.segment import SegmentWidget  # noqa: E402
+from napari_medseg.widgets.session import session_models  # noqa: E402
+
+
+def volume(z: int = 3, size: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2.5) ** 2 < (size / 5) ** 2) * 100.0
+    return (disc[None] + rng.normal(20, 8, (z, size, size))).astype(np.float32)
+
+
+@pytest.fixture
+def trained_toy(toy_registered, tmp_path):
+    """Path of a saved toy checkpoint marked as trained."""
+    seg = toy_registered(device="cpu")
+    seg.trained = True
+    return seg.save(tmp_path / "toy.safetensors")
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, qtbot):
+    def make(**image_kw):
+        viewer = make_napari_viewer()
+        image = viewer.add_image(image_kw.pop("data", volume()), name="img", **image_kw)
+        widget = SegmentWidget(viewer)
+        qtbot.addWidget(widget)
+        return viewer, widget, image
+
+    return make
+
+
+def wait_idle(qtbot, widget, timeout=30000):
+    qtbot.waitUntil(lambda: widget.job is not None and not widget.job.running, timeout=timeout)
+
+
+def test_untrained_network_is_disabled_with_reason_then_runs_from_checkpoint(
+    viewer_widget, trained_toy, qtbot
+):
+    scale, translate = (2.0, 0.5, 0.7), (10.0, -3.0, 4.0)
+    viewer, w, image = viewer_widget(scale=scale, translate=translate)
+    before = image.data.copy()
+    w.select_network("toy-test-net")
+    assert not w.run_button.isEnabled()
+    assert "fine-tune it first" in w.reason.text()
+    w.checkpoint.setText(str(trained_toy) + ".missing")
+    assert "not found" in w.blocking_reason()
+    w.checkpoint.setText(str(trained_toy))
+    assert w.run_button.isEnabled() and w.blocking_reason() == ""
+
+    w.run()
+    assert w.cancel_button.isEnabled()
+    wait_idle(qtbot, w)
+    out = viewer.layers["img [toy-test-net]"]
+    assert isinstance(out, Labels)
+    np.testing.assert_allclose(out.scale, scale)
+    np.testing.assert_allclose(out.translate, translate)
+    expected = load_model(trained_toy, device="cpu").segment(before)
+    np.testing.assert_array_equal(out.data, expected)
+    np.testing.assert_array_equal(image.data, before)  # the input layer is untouched
+    assert w.progress.value() == w.progress.maximum()
+    assert not w.cancel_button.isEnabled()
+
+
+def test_cancel_stops_at_next_slice_and_adds_no_layer(
+    viewer_widget, trained_toy, toy_registered, qtbot, monkeypatch
+):
+    fast = toy_registered.logits
+
+    def slow_logits(self, x):  # the toy is so fast the worker would finish before Cancel lands
+        time.sleep(0.1)
+        return fast(self, x)
+
+    monkeypatch.setattr(toy_registered, "logits", slow_logits)
+    viewer, w, _ = viewer_widget(data=volume(z=60, size=48))
+    w.select_network("toy-test-net")
+    w.checkpoint.setText(str(trained_toy))
+    seen = []
+
+    def on_progress(p):
+        seen.append(p)
+        if p.total > 0 and w.job is not None:
+            w.cancel()
+
+    job = w.run()
+    job.worker.yielded.connect(on_progress)
+    wait_idle(qtbot, w)
+    assert job._outcome == "cancelled"
+    assert [layer.name for layer in viewer.layers] == ["img"]
+    counted = [p for p in seen if p.total > 0]
+    assert counted and counted[-1].done < counted[-1].total
+    assert "cancelled" in w.status.text()
+    assert w.run_button.isEnabled()
+
+
+def test_labels_layer_selected_gives_clear_message(viewer_widget, trained_toy):
+    viewer, w, _ = viewer_widget()
+    w.select_network("toy-test-net")
+    w.checkpoint.setText(str(trained_toy))
+    viewer.add_labels(np.zeros((3, 40, 40), np.uint8), name="painted")
+    assert w.run() is None
+    assert "'painted' is a Labels layer" in w.status.text()
+    assert len(viewer.layers) == 2
+
+
+def test_failed_run_reports_and_changes_no_layer(viewer_widget, trained_toy, qtbot):
+    viewer, w, image = viewer_widget(data=np.full((2, 32, 32), 7.0, np.float32))
+    w.select_network("toy-test-net")
+    w.checkpoint.setText(str(trained_toy))
+    w.run()
+    wait_idle(qtbot, w)
+    assert w.job._outcome == "failed"
+    assert "constant" in w.status.text()
+    assert [layer.name for layer in viewer.layers] == ["img"]
+    assert np.all(image.data == 7.0)
+
+
+def test_session_model_is_listed_at_once_and_runs(viewer_widget, toy_registered, qtbot):
+    viewer, w, image = viewer_widget(data=volume(z=2), scale=(3.0, 1.0, 1.0))
+    seg = toy_registered(device="cpu")
+    seg.trained = True
+    entry = session_models(viewer).add("toy-test-net", seg, label="img")
+    w.select_network(entry.name)  # listed without any refresh by the caller
+    assert w.run_button.isEnabled()
+    assert not w.checkpoint.isEnabled()
+    w.run()
+    wait_idle(qtbot, w)
+    out = viewer.layers[f"img [{entry.name}]"]
+    np.testing.assert_allclose(out.scale, image.scale)
+    np.testing.assert_array_equal(out.data, seg.segment(image.data))
+    # the store belongs to this viewer only
+    other = type("OtherViewer", (), {})()
+    assert session_models(other).names() == [] and session_models(viewer).names() == [entry.name]
+
+
+def test_rgb_image_and_custom_ct_preset(viewer_widget, trained_toy, qtbot):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (40, 48, 3)).astype(np.uint8)
+    viewer, w, image = viewer_widget(data=rgb, rgb=True, translate=(5.0, 6.0))
+    w.select_network("toy-test-net")
+    w.checkpoint.setText(str(trained_toy))
+    w.preset.setCurrentText("ct-custom")
+    assert w.ct_row.isVisibleTo(w)
+    w.ct_level.setValue(50)
+    w.ct_width.setValue(300)
+    assert w._preset_name() == "ct:50,300"
+    w.preset.setCurrentText("rgb")
+    w.run()
+    wait_idle(qtbot, w)
+    out = viewer.layers["img [toy-test-net]"]
+    assert out.data.shape == (40, 48)
+    np.testing.assert_allclose(out.translate, (5.0, 6.0))
+
+
+def test_points_to_indices_maps_between_layer_geometries(make_napari_viewer):
+    viewer = make_napari_viewer()
+    labels = viewer.add_labels(np.zeros((4, 20, 30), np.uint8), scale=(2, 0.5, 0.5), translate=(0, 10, 0))
+    # a 2-D click layer in world units with its own scale: world (y, x) = data * 2
+    pts = viewer.add_points([[10.0, 2.5], [100.0, 100.0]], scale=(2, 2))
+    idx = _layers.points_to_indices(pts, labels, labels.data.shape, current_world=(4.0, 0.0, 0.0))
+    # world (20, 5) → labels data (20, 10): row 20 is outside the 20 rows, so both are dropped
+    assert idx.shape == (0, 3)
+    pts2 = viewer.add_points([[8.0, 2.5]], scale=(2, 2))  # world (16, 5) → data (12, 10)
+    idx = _layers.points_to_indices(pts2, labels, labels.data.shape, current_world=(4.0, 0.0, 0.0))
+    np.testing.assert_array_equal(idx, [[2, 12, 10]])
+
+
+@pytest.fixture
+def clusters_network(toy_registered):
+    """A toy network whose card says its output is clusters (like s3-net)."""
+    card = dataclasses.replace(
+        toy_registered.card, name="toy-clusters", output="clusters", needs_labels=False
+    )
+    cls = type("ToyClusters", (toy_registered,), {"card": card})
+    registry.register(card, cls)
+    yield cls
+    registry._CARDS.pop(card.name, None)
+    registry._CLASSES.pop(card.name, None)
+
+
+def test_keep_clusters_under_clicked_points(viewer_widget, clusters_network, qtbot):
+    viewer, w, _ = viewer_widget(data=volume(z=1)[0], scale=(0.5, 0.5), translate=(2.0, 3.0))
+    w.select_network("toy-clusters")
+    assert w.clusters_box.isVisibleTo(w)
+    w.select_network("toy-test-net")
+    assert not w.clusters_box.isVisibleTo(w)
+    clusters = np.zeros((40, 40), np.int32)
+    clusters[:20] = 1
+    clusters[20:, :20] = 2
+    clusters[20:, 20:] = 3
+    lab = viewer.add_labels(clusters, name="img [toy-clusters]", scale=(0.5, 0.5), translate=(2.0, 3.0))
+    w.select_network("toy-clusters")
+    w.clusters_labels.set_layer(lab.name)
+    pts = w.add_click_layer()
+    assert pts is not None and pts.mode == "add"
+    pts.add([[30, 5], [35, 38]])  # clicks (in the click layer's data space) on clusters 2 and 3
+    pytest.importorskip("napari_medseg.engine.clusters")
+    out = w.keep_clicked_clusters()
+    assert out is not None
+    np.testing.assert_array_equal(out.data > 0, clusters >= 2)
+    # clicks from a layer with another geometry: world (2 + 0.5 * 5, 3 + 0.5 * 5) → cluster 1
+    other = viewer.add_points([[2.0 + 0.5 * 5, 3.0 + 0.5 * 5]], name="world clicks")
+    w.clusters_points.set_layer(other.name)
+    out = w.keep_clicked_clusters()
+    np.testing.assert_array_equal(out.data > 0, clusters == 1)
+    np.testing.assert_allclose(out.translate, (2.0, 3.0))
+    np.testing.assert_array_equal(lab.data, clusters)  # user layer untouched
