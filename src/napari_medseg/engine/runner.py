@@ -96,7 +96,8 @@ def sliding_window(
         crops = torch.stack(
             [x[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(st, patch))] for st in chunk]
         )
-        logits = fn(crops).float()
+        with torch.inference_mode():
+            logits = fn(crops).float()
         if out is None:
             out = torch.zeros((logits.shape[1],) + padded, device=x.device)
         for st, lg in zip(chunk, logits):
@@ -190,30 +191,32 @@ def run_slices(
     tiled = working_size > input_size
     step = 1 if tiled else max(1, batch_size)
     start = 0
-    with torch.inference_mode():
-        while start < z:
-            chunk = torch.from_numpy(data[start : start + step]).to(device)
-            try:
-                if tiled:
-                    gen = predict_slice_logits(chunk[0], fn, input_size, working_size, overlap, batch_size)
-                    logits = (yield from _forward_tiles(gen, start, z))[None]
-                else:
+    # Gradients are switched off around each network call, never across a yield: grad mode is
+    # thread-local and would otherwise leak into the consumer's code between iterations.
+    while start < z:
+        chunk = torch.from_numpy(data[start : start + step]).to(device)
+        try:
+            if tiled:
+                gen = predict_slice_logits(chunk[0], fn, input_size, working_size, overlap, batch_size)
+                logits = (yield from _forward_tiles(gen, start, z))[None]
+            else:
+                with torch.inference_mode():
                     logits = batched_fit_logits(chunk, fn, input_size)
-            except RuntimeError as err:
-                # A CUDA out-of-memory error retries with half the slices (or tiles) per call.
-                if not is_oom(err):
-                    raise
-                free_cuda_cache()
-                if step == 1 and (not tiled or batch_size == 1):
-                    raise OutOfMemory(
-                        f"out of memory on {device} even for one slice at a time; choose a "
-                        "smaller working size, close other GPU programs, or run on the CPU"
-                    ) from err
-                step, batch_size = max(1, step // 2), max(1, batch_size // 2)
-                continue
-            out[start : start + len(chunk)] = logits.argmax(1).to(torch.int32).cpu().numpy()
-            start += len(chunk)
-            yield Progress(start, z, f"slice {start}/{z}")
+        except RuntimeError as err:
+            # A CUDA out-of-memory error retries with half the slices (or tiles) per call.
+            if not is_oom(err):
+                raise
+            free_cuda_cache()
+            if step == 1 and (not tiled or batch_size == 1):
+                raise OutOfMemory(
+                    f"out of memory on {device} even for one slice at a time; choose a "
+                    "smaller working size, close other GPU programs, or run on the CPU"
+                ) from err
+            step, batch_size = max(1, step // 2), max(1, batch_size // 2)
+            continue
+        out[start : start + len(chunk)] = logits.argmax(1).to(torch.int32).cpu().numpy()
+        start += len(chunk)
+        yield Progress(start, z, f"slice {start}/{z}")
     return out
 
 
