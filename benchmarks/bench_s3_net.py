@@ -1,0 +1,137 @@
+"""Benchmark S³-Net (label-free per-image clustering) on PH2, BUSI and Kvasir-SEG.
+
+For every image: run ``s3-net`` (per-image optimisation), then score the cluster map with
+- ``best``: the best single cluster's Dice, uncropped (the project's figure, specs §3.4; an oracle
+  choice of cluster, as in the paper's protocol, without its ground-truth crop);
+- ``centre``: the cluster under the image centre (label-free rule = one click in the middle);
+- ``centre_cc``: only the connected piece of that cluster under the centre;
+- ``cropped``: the released code's GT-cropped protocol (for reference only: it leaks the label).
+Per-image wall time and iterations are reported too.
+
+Usage:
+    python benchmarks/bench_s3_net.py [--quick] [--datasets ph2 busi kvasir_seg]
+        [--modes paper released] [--n 20] [--working-size 256] [--threads 2]
+
+Data: ``$MEDSEG_DATA`` (default /work/shared/data), read at run time, never copied.
+Writes benchmarks/results/bench_s3_net.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import napari_medseg as nms
+from napari_medseg.engine.clusters import best_cluster, centre_cluster, gt_cropped_dice
+from napari_medseg.engine.metrics import dice
+
+DATA = Path(os.environ.get("MEDSEG_DATA", "/work/shared/data"))
+OUT = Path(__file__).parent / "results" / "bench_s3_net.json"
+
+
+def cases(dataset: str, n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The first ``n`` (stem, image, mask>0) pairs of a dataset, sorted by file name."""
+    root = DATA / dataset
+    out = []
+    for ip in sorted((root / "images").iterdir())[:n]:
+        image = np.array(Image.open(ip))
+        mask = np.array(Image.open(root / "masks" / ip.name)) > 0
+        out.append((ip.stem, image, mask))
+    return out
+
+
+def run_one(mode: str, image: np.ndarray, options: dict) -> tuple[np.ndarray, float, int]:
+    """Segment one image; returns (cluster map, seconds, iterations run)."""
+    seg = nms.load_model("s3-net", device="cpu", mode=mode, **options)
+    t0 = time.perf_counter()
+    gen = seg.iter_segment(image)
+    iterations = 0
+    while True:
+        try:
+            p = next(gen)
+        except StopIteration as stop:
+            labels = stop.value
+            break
+        iterations = max(iterations, int(p.info.get("iteration", 0)))
+    return labels, time.perf_counter() - t0, iterations
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 PH2 images, paper mode only")
+    ap.add_argument("--datasets", nargs="+", default=["ph2", "busi", "kvasir_seg"])
+    ap.add_argument("--modes", nargs="+", default=["paper", "released"])
+    ap.add_argument("--n", type=int, default=20, help="images per dataset")
+    ap.add_argument("--working-size", type=int, default=256)
+    ap.add_argument("--max-iter", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    if args.quick:
+        args.datasets, args.modes, args.n = ["ph2"], ["paper"], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {"working_size": args.working_size, "max_iter": args.max_iter}
+
+    rows, per_image = [], []
+    for dataset in args.datasets:
+        data = cases(dataset, args.n)
+        for mode in args.modes:
+            scores: dict[str, list[float]] = {
+                k: [] for k in ("best", "centre", "centre_cc", "cropped", "seconds", "iterations", "clusters")
+            }
+            for stem, image, mask in data:
+                labels, secs, iters = run_one(mode, image, options)
+                rec = {
+                    "best": best_cluster(labels, mask)[1],
+                    "centre": dice(centre_cluster(labels), mask),
+                    "centre_cc": dice(centre_cluster(labels, connected=True), mask),
+                    "cropped": gt_cropped_dice(labels, mask),
+                    "seconds": secs,
+                    "iterations": iters,
+                    "clusters": int(labels.max()),
+                }
+                for k, v in rec.items():
+                    scores[k].append(float(v))
+                per_image.append({"dataset": dataset, "mode": mode, "case": stem, **rec})
+                print(
+                    f"  {dataset} {mode} {stem}: " + " ".join(f"{k}={v:.3f}" for k, v in rec.items()),
+                    flush=True,
+                )
+            rows.append(
+                {"dataset": dataset, "mode": mode, "n": len(data)}
+                | {k: statistics.mean(v) for k, v in scores.items()}
+            )
+
+    header = (
+        f"{'dataset':<11}{'mode':<10}{'n':>3}{'best':>7}{'centre':>8}{'ctr_cc':>8}"
+        f"{'cropped*':>9}{'s/img':>8}{'iters':>7}{'K':>5}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['dataset']:<11}{r['mode']:<10}{r['n']:>3}{r['best']:>7.3f}{r['centre']:>8.3f}{r['centre_cc']:>8.3f}"
+            f"{r['cropped']:>9.3f}{r['seconds']:>8.1f}{r['iterations']:>7.1f}{r['clusters']:>5.1f}"
+        )
+    print("* cropped = released GT-cropped protocol, leaks the label; reference only")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        "load_average_at_end": os.getloadavg(),
+        "options": options,
+        "argv": vars(args) | {"out": str(args.out)},
+    }
+    args.out.write_text(json.dumps({"meta": meta, "summary": rows, "images": per_image}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Turning cluster maps (S³-Net output) into masks, and scoring them.
+
+A cluster map is an integer array whose values are cluster ids; it carries no notion of
+"lesion". The user chooses clusters by clicking on them (:func:`cluster_at`); benchmarks score
+with :func:`best_cluster` (an oracle: the single cluster closest to the ground truth, no
+cropping) and with label-free rules such as :func:`centre_cluster`. Coordinates are (row, col)
+for 2-D and (z, row, col) for 3-D, as napari gives them in data space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from napari_medseg.engine.metrics import dice
+
+
+def relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber the ids of a cluster map 1..K by decreasing size (1 = largest).
+
+    Ties are broken by the smaller original id, so the result is deterministic.
+
+    Args:
+        labels: Integer array of any shape (every value is a cluster, 0 included).
+
+    Returns:
+        int32 array of the same shape with values in 1..K.
+    """
+    ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.lexsort((ids, -counts))  # primary key: count, descending
+    rank = np.empty(len(ids), dtype=np.int32)
+    rank[order] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return rank[inverse.reshape(labels.shape)]
+
+
+def _check_point(point: Sequence[float], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(point) != len(shape):
+        raise ValueError(
+            f"point {tuple(point)} has {len(point)} coordinates; labels are {len(shape)}-D {shape}"
+        )
+    idx = tuple(int(round(float(c))) for c in point)
+    if any(i < 0 or i >= s for i, s in zip(idx, shape)):
+        raise ValueError(f"point {tuple(point)} lies outside the labels of shape {shape}")
+    return idx
+
+
+def cluster_at(
+    labels: np.ndarray,
+    points: Iterable[Sequence[float]],
+    connected: bool = False,
+    same_slice: bool = False,
+) -> np.ndarray:
+    """Mask of the clusters under the given points.
+
+    Args:
+        labels: (Y, X) or (Z, Y, X) integer cluster map.
+        points: (row, col) points for 2-D, (z, row, col) for 3-D, in data pixel coordinates
+            (rounded to the nearest pixel).
+        connected: Keep only the connected piece (8-/26-connectivity) of each cluster that
+            contains the point, instead of every pixel with that id (useful when a lesion shares
+            its colour cluster with, e.g., dark image corners).
+        same_slice: 3-D only: select in the point's slice only. S³-Net optimises each slice on
+            its own, so the same id in another slice is a different cluster; its ids are
+            ordered by size per slice, which usually but not always keeps them alike.
+
+    Returns:
+        bool array of ``labels``'s shape; all False when ``points`` is empty.
+
+    Raises:
+        ValueError: A point with the wrong number of coordinates or outside the array.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3):
+        raise ValueError(f"labels must be 2-D or 3-D, got shape {labels.shape}")
+    mask = np.zeros(labels.shape, dtype=bool)
+    for point in points:
+        idx = _check_point(point, labels.shape)
+        if mask[idx]:
+            continue  # already inside a kept region
+        region = labels == labels[idx]
+        if same_slice and labels.ndim == 3:
+            only = np.zeros_like(region)
+            only[idx[0]] = region[idx[0]]
+            region = only
+        if connected:
+            comp, _ = ndimage.label(region, structure=np.ones((3,) * labels.ndim, dtype=bool))
+            region = comp == comp[idx]
+        mask |= region
+    return mask
+
+
+def best_cluster(labels: np.ndarray, target: np.ndarray) -> tuple[int, float]:
+    """Oracle score: the single cluster with the highest Dice against the target, uncropped.
+
+    This is the figure this project reports for S³-Net (specs/networks.md §3.4); unlike the
+    released ``create_mask`` it does not crop the prediction with the dilated ground truth.
+
+    Args:
+        labels: Integer cluster map.
+        target: Ground-truth mask of the same shape (non-zero = lesion).
+
+    Returns:
+        (cluster id, Dice); (0, 0.0) when the labels are empty.
+    """
+    labels = np.asarray(labels)
+    target = np.asarray(target) > 0
+    best = (0, 0.0)
+    for k in np.unique(labels):
+        d = dice(labels == k, target)
+        if d > best[1]:
+            best = (int(k), d)
+    return best
+
+
+def centre_cluster(labels: np.ndarray, connected: bool = False) -> np.ndarray:
+    """Label-free rule: the cluster under the array's centre (a click in the middle).
+
+    Args:
+        labels: (Y, X) or (Z, Y, X) cluster map.
+        connected: See :func:`cluster_at`.
+
+    Returns:
+        bool mask of ``labels``'s shape.
+    """
+    centre = tuple((s - 1) / 2.0 for s in np.shape(labels))
+    return cluster_at(labels, [centre], connected=connected)
+
+
+def gt_cropped_dice(labels: np.ndarray, target: np.ndarray) -> float:
+    """The released code's protocol (``utils.create_mask``) — for reference only.
+
+    Dilates the target with a 5×5 square twice, takes the most frequent non-zero cluster id
+    inside the target, and crops that cluster to the dilated target before scoring. Both the
+    choice and the crop use the ground truth, so the figure overstates what a user gets.
+
+    Args:
+        labels: (Y, X) cluster map (cluster id 0 can never be chosen, as in the code).
+        target: (Y, X) ground-truth mask.
+
+    Returns:
+        Dice of the cropped cluster (0.0 if no non-zero cluster touches the target).
+    """
+    labels = np.asarray(labels)
+    target = np.asarray(target) > 0
+    grown = ndimage.binary_dilation(target, structure=np.ones((5, 5), dtype=bool), iterations=2)
+    inside = labels[target]
+    inside = inside[inside != 0]
+    if inside.size == 0:
+        return 0.0
+    ids, counts = np.unique(inside, return_counts=True)
+    chosen = ids[np.argmax(counts)]
+    return dice((labels == chosen) & grown, target)

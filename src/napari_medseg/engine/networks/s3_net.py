@@ -1,0 +1,226 @@
+"""S³-Net in the engine: per-image self-supervised clustering, registered as ``"s3-net"``.
+
+Nothing is trained once: for every image (every slice of a volume) a freshly seeded
+:class:`~napari_medseg.models.s3_net.S3Net` is optimised on that image alone, following Kim &
+Kanezaki's loop (argmax pseudo-labels → losses → one SGD step → stop when few clusters remain).
+The result is a map of cluster ids 1..K ordered by size (1 = largest); the user then keeps the
+clusters that make up the lesion (:func:`napari_medseg.engine.clusters.cluster_at`).
+Specification: ``specs/networks.md`` §3; choices: ``docs/models/s3-net.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_medseg.engine.clusters import relabel_by_size
+from napari_medseg.engine.progress import Progress
+from napari_medseg.engine.registry import ModelCard, register
+from napari_medseg.engine.runner import fit_shape
+from napari_medseg.engine.segmenter import Segmenter, match_channels
+from napari_medseg.models import s3_losses
+from napari_medseg.models.s3_net import MODES, S3Net
+
+log = logging.getLogger(__name__)
+
+CARD = ModelCard(
+    name="s3-net",
+    title="S³-Net (self-supervised clustering)",
+    paper=(
+        "S. Karimijafarbigloo, R. Azad, A. Kazerouni, Y. Velichko, U. Bagci, D. Merhof. "
+        "Self-supervised Semantic Segmentation: Consistency over Transformation. "
+        "ICCV 2023 Workshops (CVAMD), pp. 2654-2663; arXiv 2309.00143"
+    ),
+    doi="10.1109/ICCVW60793.2023.00280",
+    spatial_dims=2,
+    promptable=False,
+    needs_labels=False,
+    trainable=False,
+    input_size=(256, 256),
+    default_preset="auto",
+    weights="none: a new network is optimised on every image",
+    weights_licence="none",
+    output="clusters",
+    summary=(
+        "Label-free: optimises a small network on each image until its pixels fall into a few "
+        "clusters (ids 1..K, 1 = largest). Keep the clusters under the lesion with a click."
+    ),
+    docs="docs/models/s3-net.md",
+    tags=("self-supervised", "clustering", "2d"),
+)
+
+
+class S3NetSegmenter(Segmenter):
+    """Runs the per-image S³-Net optimisation; see :meth:`iter_segment`."""
+
+    card = CARD
+
+    @classmethod
+    def default_config(cls) -> dict[str, Any]:
+        """Options (all overridable in ``load_model("s3-net", **options)``).
+
+        ``mode``: ``"paper"`` (offsets predicted from features, input-transform affine loss,
+        differentiable spatial loss; any size) or ``"released"`` (notebook: free per-pixel
+        offsets at ``working_size``², aux-vs-final 90° loss, Sobel term without gradient).
+        ``working_size``: longest side the optimisation runs at (``"released"``: square side).
+        ``w_ce`` / ``w_affine`` / ``w_spatial``: loss weights 3.5 / 0.2 / 4.
+        ``max_iter``, ``min_labels``, ``min_iter``: stop when ≤ ``min_labels`` clusters remain
+        after at least ``min_iter`` iterations, or after ``max_iter``.
+        ``seed``: base seed; slice z of a volume uses ``seed + z``.
+        """
+        return {
+            "mode": "paper",
+            "in_channels": 3,
+            "channels": 64,
+            "n_conv": 2,
+            "working_size": 256,
+            "max_iter": 50,
+            "min_labels": 3,
+            "min_iter": 5,
+            "lr": 0.2,
+            "momentum": 0.9,
+            "w_ce": 3.5,
+            "w_affine": 0.2,
+            "w_spatial": 4.0,
+            "max_scale": 1.25,
+            "seed": 0,
+            "deform_impl": "auto",
+            "channels_last": True,
+        }
+
+    def default_class_names(self) -> list[str]:
+        return ["background", "cluster"]
+
+    def build_module(self) -> nn.Module:
+        """A fresh, randomly initialised S³-Net (the global torch RNG draws the weights)."""
+        mode = str(self.config["mode"])
+        if mode not in MODES:
+            raise ValueError(f"s3-net: mode must be one of {MODES}, got {mode!r}")
+        return S3Net(
+            in_channels=int(self.config["in_channels"]),
+            channels=int(self.config["channels"]),
+            n_conv=int(self.config["n_conv"]),
+            mode=mode,
+            size=int(self.config["working_size"]),
+            deform_impl=str(self.config["deform_impl"]),
+        )
+
+    # ----------------------------------------------------------------- one image
+    def _working_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, C, Y, X) in [0, 1] → (1, 3, h, w) at the working resolution."""
+        x = match_channels(x, int(self.config["in_channels"]))
+        size = int(self.config["working_size"])
+        shape = (size, size) if self.config["mode"] == "released" else fit_shape(x.shape[2:], size)
+        if tuple(x.shape[2:]) != tuple(shape):
+            x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0.0, 1.0)
+        if self.config["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def optimise(
+        self, x: torch.Tensor, seed: int, slice_index: int = 0, n_slices: int = 1
+    ) -> Generator[Progress, None, torch.Tensor]:
+        """Optimise a new network on one image and return its clusters.
+
+        Args:
+            x: (1, 3, h, w) float in [0, 1] at the working resolution, on :attr:`device`.
+            seed: Seeds the weights, the affine transforms and the Sobel palette.
+            slice_index, n_slices: Position in a volume (for the progress record only).
+
+        Yields:
+            :class:`Progress` after every SGD step (a cancel point).
+
+        Returns:
+            (h, w) int64 raw cluster ids (argmax channels, not yet relabelled).
+        """
+        cfg = self.config
+        max_iter = int(cfg["max_iter"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.build_module().to(self.device)
+        if cfg["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        self.module = model
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]), momentum=float(cfg["momentum"]))
+        released = cfg["mode"] == "released"
+        for t in range(max_iter):
+            opt.zero_grad(set_to_none=True)
+            terms: dict[str, torch.Tensor] = {}
+            if released:
+                r, aux = model.forward_both(x)
+                terms["ce"] = float(cfg["w_ce"]) * s3_losses.clustering_ce(r)
+                terms["affine"] = float(cfg["w_affine"]) * s3_losses.released_aux_consistency(r, aux)
+                labels = r.detach().argmax(1)
+                terms["spatial"] = float(cfg["w_spatial"]) * s3_losses.sobel_term(labels, r.shape[1], gen)
+            else:
+                r = model(x)
+                terms["ce"] = float(cfg["w_ce"]) * s3_losses.clustering_ce(r)
+                terms["spatial"] = float(cfg["w_spatial"]) * s3_losses.spatial_consistency(r)
+                if float(cfg["w_affine"]) > 0:
+                    tf = s3_losses.sample_affine(gen, float(cfg["max_scale"]))
+                    terms["affine"] = float(cfg["w_affine"]) * s3_losses.affine_consistency(model, x, r, tf)
+                labels = r.detach().argmax(1)
+            loss = torch.stack(list(terms.values())).sum()
+            loss.backward()
+            opt.step()
+            n_labels = int(torch.unique(labels).numel())
+            yield Progress(
+                slice_index * max_iter + t + 1,
+                n_slices * max_iter,
+                f"slice {slice_index + 1}/{n_slices}: iteration {t + 1}, {n_labels} clusters",
+                {"slice": slice_index, "iteration": t + 1, "clusters": n_labels, "loss": float(loss.detach())}
+                | {k: float(v.detach()) for k, v in terms.items()},
+            )
+            if n_labels <= int(cfg["min_labels"]) and t + 1 >= int(cfg["min_iter"]):
+                break
+        # As in the notebook: one more forward, BN still on batch statistics.
+        with torch.no_grad():
+            return model(x).argmax(1)[0]
+
+    # ----------------------------------------------------------------- segmentation
+    def iter_segment(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        allow_untrained: bool = False,
+    ) -> Generator[Progress, None, np.ndarray]:
+        """Cluster every image/slice with its own optimisation.
+
+        Args:
+            image: (Y, X), (Y, X, C) or (Z, Y, X); see :meth:`Segmenter.segment`.
+            channel_axis: Axis of RGB channels, if any.
+            allow_untrained: Ignored (nothing to train).
+
+        Yields:
+            :class:`Progress` per iteration; ``info`` holds slice, iteration, clusters, losses.
+
+        Returns:
+            int32 cluster ids of the input's spatial shape, 1..K per slice with 1 = the largest
+            cluster of that slice (no 0: every pixel belongs to a cluster).
+        """
+        prep = self.prepare(image, channel_axis)
+        z = prep.data.shape[0]
+        out = np.zeros((z,) + prep.data.shape[2:], dtype=np.int32)
+        seed = int(self.config["seed"])
+        for i in range(z):
+            x = torch.from_numpy(prep.data[i : i + 1]).to(self.device)
+            raw = yield from self.optimise(self._working_input(x), seed + i, i, z)
+            if tuple(raw.shape) != tuple(out.shape[1:]):
+                raw = F.interpolate(raw[None, None].float(), size=out.shape[1:], mode="nearest-exact")[0, 0]
+            out[i] = relabel_by_size(raw.to(torch.int64).cpu().numpy())
+            total = z * int(self.config["max_iter"])
+            yield Progress((i + 1) * int(self.config["max_iter"]), total, f"slice {i + 1}/{z} done")
+        self.module.eval()
+        return out.reshape(prep.spatial_shape)
+
+
+register(CARD, S3NetSegmenter)
