@@ -26,6 +26,11 @@ _LAZY = {
     "Segmenter": "napari_medseg.engine.segmenter",
 }
 
+# A napari console may load us after the viewer opened: see _llvm_guard.py (cheap, no preload).
+from napari_medseg._llvm_guard import avoid_llvm_clash as _avoid_llvm_clash
+
+_avoid_llvm_clash(preload=False)
+
 if TYPE_CHECKING:
     from napari_medseg.engine.api import load_model
     from napari_medseg.engine.registry import ModelCard, list_models, model_card
