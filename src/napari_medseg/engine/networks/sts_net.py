@@ -62,7 +62,8 @@ class STSNetSegmenter(Segmenter):
     stem), ``input_size`` (network input side, multiple of 8), ``working_size`` (longest side
     a slice is resampled to; 0 = ``input_size``, larger values tile), ``pretrained``
     (ImageNet encoder), ``loss`` (``"ce"`` as released, ``"dice"``, ``"dice_ce"``,
-    ``"focal"``), ``decoder_channels``, ``aspp_rates``, ``dropout``, ``batch_size``
+    ``"focal"``), ``decoder_channels``, ``aspp_rates``, ``dropout``, ``output_stride`` (8 as released, 16
+    faster), ``batch_size``
     (inference batch), ``max_classes``.
     """
 
@@ -79,6 +80,7 @@ class STSNetSegmenter(Segmenter):
             "decoder_channels": 256,
             "aspp_rates": [12, 24, 36],
             "dropout": 0.5,
+            "output_stride": 8,
             "batch_size": 4,
             "max_classes": 32,
         }
@@ -88,8 +90,9 @@ class STSNetSegmenter(Segmenter):
         """Build STS-Net for :attr:`num_classes`; load the ImageNet encoder if asked."""
         from napari_medseg.models.sts_net import STSNet
 
-        if int(self.config["input_size"]) % STSNet.stride:
-            raise ValueError(f"input_size must be a multiple of 8, got {self.config['input_size']}")
+        stride = int(self.config["output_stride"])
+        if int(self.config["input_size"]) % stride:
+            raise ValueError(f"input_size must be a multiple of {stride}, got {self.config['input_size']}")
         in_ch = int(self.config["in_channels"])
         if in_ch not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_ch}")
@@ -99,6 +102,7 @@ class STSNetSegmenter(Segmenter):
             decoder_channels=int(self.config["decoder_channels"]),
             rates=tuple(int(r) for r in self.config["aspp_rates"]),
             dropout=float(self.config["dropout"]),
+            output_stride=stride,
         )
         if self.config.get("pretrained"):
             from napari_medseg.engine.weights import fetch_weights
@@ -147,6 +151,13 @@ class STSNetSegmenter(Segmenter):
         """
         from napari_medseg.engine.train.small_target import SmallTargetConfig, SmallTargetSliceData
 
+        # The loss is a training choice too: accept it as a training option (CLI --option).
+        if "loss" in options.extra:
+            from napari_medseg.engine.train.losses import LOSSES
+
+            if options.extra["loss"] not in LOSSES:
+                raise ValueError(f"unknown loss {options.extra['loss']!r}; choose one of {LOSSES}")
+            self.config["loss"] = str(options.extra["loss"])
         cfg = SmallTargetConfig.from_extra(options.extra)
         return SmallTargetSliceData.build(self, images, labels, unlabeled, options, cfg)
 
