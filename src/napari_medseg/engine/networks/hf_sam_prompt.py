@@ -121,7 +121,9 @@ def plan_roi(
 
 
 @torch.inference_mode()
-def encode_frame(module: Any, image: np.ndarray, roi: Frame | None, input_size: int, device: torch.device) -> Embedding:
+def encode_frame(
+    module: Any, image: np.ndarray, roi: Frame | None, input_size: int, device: torch.device
+) -> Embedding:
     """Encode one (C, Y, X) float slice in [0, 1] (or its ROI).
 
     Returns:
@@ -146,9 +148,7 @@ def _resized(emb: Embedding) -> tuple[int, int]:
     return int(round(float(r[0]))), int(round(float(r[1])))
 
 
-def frame_logits_to_slice(
-    low: torch.Tensor, emb: Embedding, frame: Frame, input_size: int
-) -> torch.Tensor:
+def frame_logits_to_slice(low: torch.Tensor, emb: Embedding, frame: Frame, input_size: int) -> torch.Tensor:
     """(M, L, L) low-res logits of a frame → (M, fh, fw) logits at the frame's resolution."""
     rh, rw = _resized(emb)
     up = F.interpolate(low[None].float(), (input_size, input_size), mode="bilinear", align_corners=False)
@@ -185,7 +185,9 @@ def prompt_tensors(
         points = (xy[None], labels[None])
     boxes = None
     if prompts.box is not None:
-        boxes = torch.as_tensor(box_to_xyxy(prompts.box, origin, scale), dtype=torch.float32, device=device)[None]
+        boxes = torch.as_tensor(box_to_xyxy(prompts.box, origin, scale), dtype=torch.float32, device=device)[
+            None
+        ]
     return points, boxes
 
 
@@ -231,7 +233,10 @@ def decode_boxes(
     xyxy = np.stack([box_to_xyxy(b, (0.0, 0.0), scale) for b in np.asarray(boxes, float).reshape(-1, 4)])
     with torch.inference_mode():
         low, iou = module.decode(
-            emb["embedding"], emb.get("early"), None, torch.as_tensor(xyxy, dtype=torch.float32, device=device)
+            emb["embedding"],
+            emb.get("early"),
+            None,
+            torch.as_tensor(xyxy, dtype=torch.float32, device=device),
         )
         logits = frame_logits_to_slice(low[:, 0], emb, frame, input_size)
     return (logits > 0).cpu().numpy(), iou[:, 0].cpu().numpy()

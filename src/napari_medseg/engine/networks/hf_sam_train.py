@@ -101,7 +101,9 @@ def hfsam_loss(
     early = early if module.hf.uses_early else None
     free = module.decode_free(emb, early)
     low_side = free.shape[-1]
-    low_labels = F.interpolate(labels[:, None].float(), (low_side, low_side), mode="nearest-exact")[:, 0].long()
+    low_labels = F.interpolate(labels[:, None].float(), (low_side, low_side), mode="nearest-exact")[
+        :, 0
+    ].long()
     loss, terms = segmentation_loss(free, low_labels, "hfsam")
     weight = float(seg.config.get("prompt_loss_weight", 1.0))
     if weight > 0:

