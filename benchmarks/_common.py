@@ -27,7 +27,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "malloc": os.environ.get("NAPARI_MEDSEG_MALLOC", "moderate"),
+        "malloc": os.environ.get("NAPARI_MEDSEG_MALLOC", "aggressive"),
         "load_avg": os.getloadavg()[0],
     }
     return info

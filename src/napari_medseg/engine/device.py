@@ -23,7 +23,9 @@ _M_MMAP_THRESHOLD = -3
 
 # name -> (mmap threshold, trim threshold, top pad) in bytes. glibc returns freed blocks to the
 # OS and re-faults them on the next large tensor; on small VMs that made CPU inference 1.5-3.6x
-# slower (ENVIRONMENT.md). "moderate" keeps most of the gain at a lower peak RSS.
+# slower (ENVIRONMENT.md; benchmarks/bench_allocator.py here: LiteMedSAM encoder 3.4 s "off",
+# 2.3 s "moderate", 0.8 s "aggressive"). "aggressive" is the default; "moderate" trades speed
+# for a lower peak RSS in large training steps (SAM ViT-B LoRA: 8.6 vs 15 GB, ENVIRONMENT.md).
 ALLOCATOR_MODES: dict[str, tuple[int, int, int] | None] = {
     "off": None,
     "moderate": (32 << 20, 256 << 20, 64 << 20),
@@ -37,13 +39,13 @@ def tune_cpu_allocator(mode: str | None = None) -> str:
 
     Args:
         mode: ``"off"``, ``"moderate"`` or ``"aggressive"``; ``None`` reads the environment
-            variable ``NAPARI_MEDSEG_MALLOC`` (default ``"moderate"``).
+            variable ``NAPARI_MEDSEG_MALLOC`` (default ``"aggressive"``).
 
     Returns:
         The mode in effect afterwards (``"off"`` where glibc is not available).
     """
     global _allocator_mode
-    mode = mode or os.environ.get("NAPARI_MEDSEG_MALLOC", "moderate")
+    mode = mode or os.environ.get("NAPARI_MEDSEG_MALLOC", "aggressive")
     if mode not in ALLOCATOR_MODES:
         raise ValueError(f"allocator mode must be one of {sorted(ALLOCATOR_MODES)}, got {mode!r}")
     values = ALLOCATOR_MODES[mode]

@@ -59,7 +59,7 @@ CARD = ModelCard(
 
 # Size presets: "cpu" trains in minutes on 2 cores; "gpu" is close to the predecessor's scale.
 SCALES: dict[str, dict[str, Any]] = {
-    "cpu": {"widths": [8, 16, 32, 64], "patch_voxels": 32 * 64 * 64, "max_volume_voxels": 400_000},
+    "cpu": {"widths": [8, 16, 32, 64], "patch_voxels": 16 * 48 * 48, "max_volume_voxels": 250_000},
     "gpu": {"widths": [16, 32, 64, 128, 256], "patch_voxels": 128 * 128 * 128, "max_volume_voxels": 0},
 }
 
@@ -102,6 +102,7 @@ class EfsMedSeg(Segmenter):
             "contrast_weight": 0.1,
             "contrast_temperature": 0.5,
             "contrast_samples": 64,
+            "contrast_stopgrad": True,
             "unlabeled_per_batch": 1,
             "pseudo_threshold": 0.8,
         }
@@ -185,22 +186,22 @@ class EfsMedSeg(Segmenter):
         target = tuple(self.config.get("target_spacing") or src)
         work = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(prep.spatial_shape, src, target))
         self.module.eval()
+        # Gradients are off around each computation, never across a yield (grad mode is
+        # thread-local; sliding_window switches it off around every network call itself).
         with torch.inference_mode():
             x = torch.from_numpy(np.moveaxis(prep.data, 1, 0)).to(self.device)  # (C, Z, Y, X)
             x = resize(x[None], work)[0]
-            logits = yield from self.volume_logits(x)
-            # Back to the input grid on logits (not labels) so boundaries stay smooth; chunked
-            # by class to bound memory on large volumes.
-            labels = torch.empty(prep.spatial_shape, dtype=torch.int32)
-            best = None
-            for k in range(logits.shape[0]):
+        logits = yield from self.volume_logits(x)
+        with torch.inference_mode():
+            # Back to the input grid on logits (not labels) so boundaries stay smooth; one
+            # class at a time to bound memory on large volumes.
+            labels = torch.zeros(prep.spatial_shape, dtype=torch.int32)
+            best = resize(logits[None, :1], prep.spatial_shape)[0, 0].cpu()
+            for k in range(1, logits.shape[0]):
                 lk = resize(logits[None, k : k + 1], prep.spatial_shape)[0, 0].cpu()
-                if best is None:
-                    best, labels[:] = lk, 0
-                else:
-                    better = lk > best
-                    labels[better] = k
-                    best = torch.where(better, lk, best)
+                better = lk > best
+                labels[better] = k
+                best = torch.where(better, lk, best)
         return labels.numpy()
 
     def segment(  # type: ignore[override]
@@ -228,7 +229,7 @@ class EfsMedSeg(Segmenter):
     def train_defaults(self) -> dict[str, Any]:
         gpu = self.config.get("widths") == SCALES["gpu"]["widths"]
         return {
-            "steps": 4000 if gpu else 1200,
+            "steps": 4000 if gpu else 250,
             "lr": 2e-3,
             "schedule": "cosine",
             "warmup": 20,
@@ -250,9 +251,7 @@ class EfsMedSeg(Segmenter):
         pools = [list(p) for p in plan.pools]
         rebuild = data.num_classes != self.num_classes or pools != [list(p) for p in self.module.pools]
         self.class_names = list(data.class_names)
-        self.config.update(
-            target_spacing=list(plan.target_spacing), patch_size=list(plan.patch), pools=pools
-        )
+        self.config.update(target_spacing=list(plan.target_spacing), patch_size=list(plan.patch), pools=pools)
         if rebuild:
             self.module = self.build_module().to(self.device)
 
@@ -279,17 +278,27 @@ class EfsMedSeg(Segmenter):
         class_dice = soft_dice_per_class(logits[:b].detach(), y)
         if "embed" in out:
             x2 = torch.cat([batch["image2"], batch["u_image2"]]) if "u_image2" in batch else batch["image2"]
-            out2 = module.forward_train(x2, sample=False)
-            sup2, _ = segmentation_loss(out2["logits"][:b], y, "dice_ce")
-            loss = 0.5 * (loss + sup2)  # supervision on both views
+            if cfg["contrast_stopgrad"]:
+                # The second view is a fixed target (SimSiam-style stop-gradient): one backward
+                # pass per step instead of two, which matters on a CPU.
+                with torch.no_grad():
+                    out2 = module.forward_train(x2, sample=False)
+            else:
+                out2 = module.forward_train(x2, sample=False)
+                sup2, _ = segmentation_loss(out2["logits"][:b], y, "dice_ce")
+                loss = 0.5 * (loss + sup2)  # supervision on both views
             small = tuple(out["embed"].shape[2:])
             cls_s = F.interpolate(classes[:, None].float(), size=small, mode="nearest-exact")[:, 0].long()
             valid = torch.ones_like(conf, dtype=torch.bool)
             valid[b:] = conf[b:] >= float(cfg["pseudo_threshold"])
             valid_s = F.interpolate(valid[:, None].float(), size=small, mode="nearest-exact")[:, 0] > 0.5
             con = anatomy_contrastive_loss(
-                out["embed"], out2["embed"], cls_s, valid_s,
-                float(cfg["contrast_temperature"]), int(cfg["contrast_samples"]),
+                out["embed"],
+                out2["embed"],
+                cls_s,
+                valid_s,
+                float(cfg["contrast_temperature"]),
+                int(cfg["contrast_samples"]),
             )
             loss = loss + float(cfg["contrast_weight"]) * con
             terms["contrast"] = float(con.detach())
@@ -303,7 +312,10 @@ class EfsMedSeg(Segmenter):
         return loss, terms
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"target_spacing": self.config.get("target_spacing"), "patch_size": self.config.get("patch_size")}
+        return {
+            "target_spacing": self.config.get("target_spacing"),
+            "patch_size": self.config.get("patch_size"),
+        }
 
 
 register(CARD, EfsMedSeg)

@@ -36,9 +36,7 @@ class SwitchOptions:
     self_prob: float = 0.3
 
 
-def region_mask(
-    shape: tuple[int, int, int], rng: np.random.Generator, opts: SwitchOptions
-) -> np.ndarray:
+def region_mask(shape: tuple[int, int, int], rng: np.random.Generator, opts: SwitchOptions) -> np.ndarray:
     """Float (Z, Y, X) mask in [0, 1]: 1 inside the union of random cuboids.
 
     The soft border ramps linearly over ``opts.smooth`` voxels on both sides of each face.

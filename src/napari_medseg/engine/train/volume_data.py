@@ -218,7 +218,9 @@ class VolumeData:
         cfg, extra = seg.config, options.extra
         imgs, labs = as_list(images), as_list(labels)
         if len(imgs) != len(labs) or not imgs:
-            raise TrainingDataError(f"give one label volume per atlas ({len(imgs)} images, {len(labs)} labels)")
+            raise TrainingDataError(
+                f"give one label volume per atlas ({len(imgs)} images, {len(labs)} labels)"
+            )
         for i, lab in enumerate(labs):
             if lab.ndim < 3:
                 volume_only(lab[None], f"atlas {i + 1}")
@@ -238,13 +240,19 @@ class VolumeData:
         sp = spacing_list(extra.get("spacing"), len(imgs), "spacing")
         fixed = cfg.get("target_spacing") if seg.trained else None
         plan = plan_geometry(
-            [d.shape[1:] for d in preps], sp, len(cfg["widths"]) - 1, int(cfg["patch_voxels"]),
-            int(cfg.get("max_volume_voxels") or 0), tuple(fixed) if fixed else None,  # type: ignore[arg-type]
+            [d.shape[1:] for d in preps],
+            sp,
+            len(cfg["widths"]) - 1,
+            int(cfg["patch_voxels"]),
+            int(cfg.get("max_volume_voxels") or 0),
+            tuple(fixed) if fixed else None,  # type: ignore[arg-type]
         )
         if fixed and cfg.get("patch_size") and cfg.get("pools"):
             plan = Plan(plan.target_spacing, tuple(cfg["patch_size"]), [tuple(p) for p in cfg["pools"]])  # type: ignore[arg-type]
 
-        def to_target(data: np.ndarray, s: Spacing, lab: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        def to_target(
+            data: np.ndarray, s: Spacing, lab: np.ndarray | None = None
+        ) -> tuple[np.ndarray, np.ndarray | None]:
             out = resample(data, s, plan.target_spacing)
             rl = None if lab is None else resample_labels(np.asarray(lab), out.shape[1:], k)
             out = pad_to(out, plan.patch)
@@ -274,7 +282,10 @@ class VolumeData:
                 val.append((v, vl))  # type: ignore[arg-type]
         else:
             val = [(intensity_view(a, rng, 0.7), lab) for a, lab in atlases]  # type: ignore[misc]
-            note = "validation on augmented views of the atlases (optimistic); pass val_images/val_labels for held-out Dice"
+            note = (
+                "validation on augmented views of the atlases (optimistic); "
+                "pass val_images/val_labels for held-out Dice"
+            )
         data = cls(
             atlases=atlases,  # type: ignore[arg-type]
             unlabeled=free,
@@ -296,7 +307,11 @@ class VolumeData:
         data._indices = list(range(len(atlases)))
         log.info(
             "efs-medseg data: %d atlases, %d unlabeled, spacing %s, patch %s, pools %s",
-            len(atlases), len(free), plan.target_spacing, plan.patch, plan.pools,
+            len(atlases),
+            len(free),
+            plan.target_spacing,
+            plan.patch,
+            plan.pools,
         )
         return data
 
