@@ -242,10 +242,10 @@ def test_loss_falls_on_one_image():
 def test_overfit_one_image():
     image, mask = disc_image(64, radius=14)
     seg = nms.load_model("sts-net", device="cpu", input_size=64)
-    steps = 60
+    steps = 100
     records = list(
         seg.finetune(
-            image, mask, steps=steps, seed=0, lr=1e-3, batch_size=2, augment="none", loss="dice_ce",
+            image, mask, steps=steps, seed=0, lr=1e-3, batch_size=2, augment="none",
             small_target=False, val_every=steps,
         )
     )
