@@ -149,7 +149,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = args.base or args.network
     seg = load_model(base, device=args.device)
     if seg.card.spatial_dims == 3:
-        extra.setdefault("spacings", scales)
+        extra.setdefault("spacing", scales)
+        if args.unlabeled:
+            extra.setdefault("unlabeled_spacing", [list(read_image(f).scale) for f in _files(args.unlabeled)])
     opts: dict[str, Any] = {
         k: v
         for k, v in {

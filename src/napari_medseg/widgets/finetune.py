@@ -313,6 +313,8 @@ class FinetuneWidget(QWidget):
         opts = self.options()
         device = opts["device"]
         extra: dict[str, Any] = {"channel_axis": channel_axis}
+        if model_card(network).spatial_dims == 3:
+            extra["spacing"] = [float(v) for v in image.scale[-3:]]  # 3-D networks resample by it
         names = label_class_names(labels)
         if names:
             extra["class_names"] = names
@@ -419,6 +421,8 @@ class FinetuneWidget(QWidget):
         name = output_name(image.name, entry.name)
 
         def job() -> Generator[Progress, None, np.ndarray]:
+            if entry.segmenter.card.spatial_dims == 3:
+                entry.segmenter.config["spacing"] = [float(v) for v in image.scale[-3:]]
             return (yield from entry.segmenter.iter_segment(data, channel_axis))
 
         def result(labels: np.ndarray) -> None:

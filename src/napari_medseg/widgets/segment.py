@@ -312,6 +312,8 @@ class SegmentWidget(QWidget):
         def job() -> Generator[Progress, None, np.ndarray]:
             yield Progress(0, 0, "loading the model")
             seg = make()
+            if seg.card.spatial_dims == 3:
+                seg.config["spacing"] = [float(v) for v in layer.scale[-3:]]  # voxel size (z, y, x)
             labels = yield from seg.iter_segment(data, channel_axis)
             return labels
 

@@ -38,10 +38,11 @@ CARD = ModelCard(
     name="efs-medseg",
     title="EFS-MedSeg (3-D few-shot, VAE + regional switch + self-contrast)",
     paper=(
-        "EFS-MedSeg: few-shot 3D medical image segmentation with two labeled atlases, "
-        "Medical Image Analysis 2025 (abstract-based re-implementation)"
+        "Y. Zhou, F. Zhou, F. Xi, Y. Liu, Y. Peng, D. E. Carlson, L. Tu, Efficient few-shot "
+        "medical image segmentation via self-supervised variational autoencoder, Medical Image "
+        "Analysis 2025 (re-implemented from the abstract; code unpublished)"
     ),
-    doi="",
+    doi="10.1016/j.media.2025.103637",
     spatial_dims=3,
     promptable=False,
     needs_labels=True,

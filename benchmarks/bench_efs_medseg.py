@@ -1,0 +1,185 @@
+"""EFS-MedSeg few-shot 3-D benchmark: 2 atlases + unlabeled volumes, ablation of each component.
+
+    python benchmarks/bench_efs_medseg.py [--quick] [--datasets acdc,la2018]
+        [--variants full,no_switch,no_vae,no_contrast] [--steps N] [--scale cpu]
+
+For each dataset: two labeled volumes (atlases), four unlabeled volumes, per-class Dice on the
+remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
+subprocess so its peak memory (ru_maxrss) and time are its own. Reads the research-only data
+from $MEDSEG_DATA (default ../shared/data) at run time; nothing is copied.
+
+ACDC files store no spacing (identity affine); we assume 10 mm slices and 1.5 mm pixels,
+typical of ACDC. LA-2018 headers give 0.625 mm isotropic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import DATA, peak_rss_mb, save, table  # noqa: E402
+
+VARIANTS = {
+    "full": {},
+    "no_switch": {"use_switch": False},
+    "no_vae": {"use_vae": False},
+    "no_contrast": {"use_contrast": False},
+}
+CLASSES = {"acdc": ["RV", "myocardium", "LV"], "la2018": ["left atrium"]}
+ACDC_SPACING = (10.0, 1.5, 1.5)  # assumed: the files carry none
+
+
+def load(ds: str, stem: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(image (Z, Y, X) float32, labels (Z, Y, X) uint8, spacing (z, y, x))."""
+    import nibabel as nib
+
+    img = nib.load(DATA / ds / "images" / f"{stem}.nii.gz")
+    lab = np.asarray(nib.load(DATA / ds / "masks" / f"{stem}.nii.gz").dataobj)
+    vol = img.get_fdata(dtype=np.float32)
+    # nibabel gives (X, Y, Z); the API takes (Z, Y, X).
+    vol, lab = np.ascontiguousarray(vol.transpose(2, 1, 0)), np.ascontiguousarray(lab.transpose(2, 1, 0))
+    zooms = tuple(float(v) for v in img.header.get_zooms()[:3])[::-1]
+    spacing = ACDC_SPACING if ds == "acdc" else zooms
+    return vol, lab, spacing  # type: ignore[return-value]
+
+
+def split(ds: str, quick: bool) -> tuple[list[str], list[str], list[str]]:
+    """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases)."""
+    rows = list(csv.DictReader(open(DATA / ds / "cases.csv")))
+    stems = [r["stem"] for r in rows]
+    if ds == "acdc":
+        pats = sorted({r["patient"] for r in rows})
+        by = {p: [r["stem"] for r in rows if r["patient"] == p] for p in pats}
+        atlases = [by[pats[0]][0], by[pats[1]][0]]
+        unlabeled = by[pats[2]] + by[pats[3]]
+        test = [s for p in pats[4:] for s in by[p]]
+    else:
+        atlases, unlabeled, test = stems[:2], stems[2:6], stems[6:]
+    return atlases, unlabeled, test[:4] if quick else test
+
+
+def run_one(ds: str, variant: str, steps: int, quick: bool, scale: str) -> dict[str, Any]:
+    """Train one variant and evaluate it (runs inside the child process)."""
+    import torch
+
+    import napari_medseg as nms
+    from napari_medseg.engine.metrics import dice_per_class
+
+    atl, unl, test = split(ds, quick)
+    a = [load(ds, s) for s in atl]
+    u = [load(ds, s) for s in unl]
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", device="cpu", scale=scale, **VARIANTS[variant])
+    t0 = time.perf_counter()
+    last = None
+    for last in seg.finetune(
+        [x[0] for x in a],
+        [x[1] for x in a],
+        unlabeled=[x[0] for x in u],
+        steps=steps,
+        spacing=[x[2] for x in a],
+        unlabeled_spacing=[x[2] for x in u],
+        class_names=CLASSES[ds],
+    ):
+        if last.step % max(1, steps // 10) == 0:
+            print(
+                f"  {ds}/{variant} step {last.step}/{steps} loss {last.loss:.3f} {last.metrics}", flush=True
+            )
+    train_s = time.perf_counter() - t0
+    per: dict[int, list[float]] = {}
+    t1 = time.perf_counter()
+    for stem in test:
+        img, lab, sp = load(ds, stem)
+        pred = seg.segment(img, spacing=sp)
+        for c, d in dice_per_class(pred, lab, seg.num_classes).items():
+            per.setdefault(c, []).append(d)
+    infer_s = (time.perf_counter() - t1) / max(1, len(test))
+    row: dict[str, Any] = {"dataset": ds, "variant": variant, "steps": steps}
+    for c, v in sorted(per.items()):
+        row[CLASSES[ds][c - 1]] = float(np.mean(v))
+    row["mean_dice"] = float(np.mean([row[n] for n in CLASSES[ds] if n in row]))
+    row.update(
+        train_min=train_s / 60,
+        s_per_step=train_s / steps,
+        infer_s_per_volume=infer_s,
+        peak_rss_mb=peak_rss_mb(),
+        atlases=atl,
+        unlabeled=unl,
+        test=test,
+        target_spacing=seg.config["target_spacing"],
+        patch=seg.config["patch_size"],
+        widths=seg.config["widths"],
+        best_val=last.best if last else None,
+    )
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="40 steps, 4 test volumes, full variant only")
+    ap.add_argument("--datasets", default="acdc,la2018")
+    ap.add_argument("--variants", default="")
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--scale", default="cpu")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        ds, variant = args.child.split(":")
+        print("RESULT " + json.dumps(run_one(ds, variant, args.steps, args.quick, args.scale)), flush=True)
+        return
+    steps = args.steps or (40 if args.quick else 250)
+    variants = args.variants.split(",") if args.variants else (["full"] if args.quick else list(VARIANTS))
+    rows = []
+    for ds in args.datasets.split(","):
+        for variant in variants:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                f"{ds}:{variant}",
+                "--steps",
+                str(steps),
+                "--scale",
+                args.scale,
+            ]
+            cmd += ["--quick"] if args.quick else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not found:
+                print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+                rows.append({"dataset": ds, "variant": variant, "error": proc.stderr[-500:]})
+                continue
+            rows.append(json.loads(found[-1][7:]))
+            print(
+                table([rows[-1]], ["dataset", "variant", "mean_dice", "train_min", "peak_rss_mb"]), flush=True
+            )
+    cols = [
+        "dataset",
+        "variant",
+        "steps",
+        "RV",
+        "myocardium",
+        "LV",
+        "left atrium",
+        "mean_dice",
+        "train_min",
+        "s_per_step",
+        "infer_s_per_volume",
+        "peak_rss_mb",
+    ]
+    print(table(rows, cols))
+    name = "bench_efs_medseg" + ("_quick" if args.quick else "")
+    print("saved", save(name, {"rows": rows, "command": " ".join(sys.argv)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""EFS-MedSeg network: 3-D U-Net segmenter + VAE reconstruction branch + projection head.
+
+Pure torch. Tensors are (B, C, Z, Y, X). The three parts the EFS-MedSeg abstract names are
+separate sub-modules so each can be switched off (``vae=False``, ``contrast=False``); the
+segmenter alone is what inference runs.
+
+Building blocks follow the authors' predecessor (OS-MedSeg): residual units of two 3×3×3
+convolutions with instance norm and PReLU, widths 16–256, 2× max-pool down, transposed-conv
+up, skip concatenation. Pooling factors are per level and per axis so anisotropic volumes
+(e.g. cardiac cine MRI with 10 mm slices) are not pooled along the coarse axis too early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Pool = tuple[int, int, int]
+
+
+class ResUnit3d(nn.Module):
+    """Two conv3×3×3 → InstanceNorm → PReLU with a residual path (1×1×1 when widths differ).
+
+    Args:
+        cin: Input channels.
+        cout: Output channels.
+        convs: Number of convolutions (1 or 2).
+    """
+
+    def __init__(self, cin: int, cout: int, convs: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(convs):
+            layers += [
+                nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1, bias=False),
+                nn.InstanceNorm3d(cout, affine=True),
+            ]
+            if i < convs - 1:
+                layers.append(nn.PReLU(cout))
+        self.body = nn.Sequential(*layers)
+        self.skip: nn.Module = nn.Identity() if cin == cout else nn.Conv3d(cin, cout, 1, bias=False)
+        self.act = nn.PReLU(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cin, *S) → (B, cout, *S)."""
+        return self.act(self.body(x) + self.skip(x))
+
+
+class VAEBranch(nn.Module):
+    """Variational reconstruction branch on the segmenter's bottleneck features.
+
+    μ and log σ² come from 3×3×3 convolutions of the bottleneck; ``z = μ + ε·σ`` with
+    ε ~ N(0, 1) (the predecessor drew ε uniformly, which is not the VAE reparameterisation).
+    The decoder has no skip connections: with skips the image could bypass the latent and the
+    KL term would constrain nothing, so the reconstruction has to come through the features
+    the segmenter itself uses.
+
+    Args:
+        width: Bottleneck channels of the segmenter.
+        latent: Latent channels.
+        widths: Decoder widths from coarse to fine (one per up-sampling step).
+        pools: Up-sampling factors per step, coarse to fine.
+        out_channels: Reconstructed image channels.
+    """
+
+    def __init__(
+        self, width: int, latent: int, widths: Sequence[int], pools: Sequence[Pool], out_channels: int
+    ) -> None:
+        super().__init__()
+        self.mu = nn.Conv3d(width, latent, 3, padding=1)
+        self.logvar = nn.Conv3d(width, latent, 3, padding=1)
+        ups: list[nn.Module] = []
+        cin = latent
+        for w, p in zip(widths, pools):
+            ups.append(nn.Sequential(nn.ConvTranspose3d(cin, w, p, stride=p), ResUnit3d(w, w, convs=1)))
+            cin = w
+        self.ups = nn.ModuleList(ups)
+        self.out = nn.Conv3d(cin, out_channels, 1)
+
+    def forward(
+        self, feat: torch.Tensor, sample: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bottleneck (B, width, *s) → (reconstruction (B, C, *S) in [0, 1], μ, log σ²)."""
+        mu = self.mu(feat)
+        logvar = self.logvar(feat).clamp(-10.0, 10.0)  # keeps exp() finite early in training
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        for up in self.ups:
+            z = up(z)
+        return torch.sigmoid(self.out(z)), mu, logvar
+
+
+class ProjectionHead(nn.Module):
+    """1×1×1 conv → PReLU → 1×1×1 conv, L2-normalised over channels (SimCLR-style head)."""
+
+    def __init__(self, cin: int, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(cin, cin, 1), nn.PReLU(cin), nn.Conv3d(cin, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, cin, *s) → (B, dim, *s), unit norm along dim 1."""
+        return F.normalize(self.net(x), dim=1)
+
+
+def default_pools(levels: int) -> list[Pool]:
+    """Isotropic 2× pooling at every level."""
+    return [(2, 2, 2)] * levels
+
+
+class EfsMedSegNet(nn.Module):
+    """3-D U-Net with optional VAE reconstruction branch and contrastive projection head.
+
+    Args:
+        in_channels: Image channels (1 for grey volumes).
+        num_classes: Output classes including background (K + 1 in the paper's notation).
+        widths: Encoder widths, finest first, e.g. (16, 32, 64, 128, 256).
+        pools: Pooling factors (z, y, x) of each of the ``len(widths) - 1`` down-steps.
+        vae: Build the VAE reconstruction branch.
+        latent: VAE latent channels (0: the bottleneck width).
+        contrast: Build the projection head.
+        proj_dim: Projection dimension.
+        contrast_level: Decoder level whose features are projected (0 = full resolution).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        widths: Sequence[int] = (16, 32, 64, 128, 256),
+        pools: Sequence[Sequence[int]] | None = None,
+        vae: bool = True,
+        latent: int = 0,
+        contrast: bool = True,
+        proj_dim: int = 32,
+        contrast_level: int = 1,
+    ) -> None:
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if len(widths) < 2:
+            raise ValueError("widths needs at least two levels")
+        self.pools: list[Pool] = [
+            tuple(int(v) for v in p)
+            for p in (pools or default_pools(len(widths) - 1))  # type: ignore[misc]
+        ]
+        if len(self.pools) != len(widths) - 1:
+            raise ValueError(
+                f"{len(widths)} widths need {len(widths) - 1} pooling factors, got {len(self.pools)}"
+            )
+        self.widths = widths
+        self.enc = nn.ModuleList(
+            [ResUnit3d(in_channels if i == 0 else widths[i - 1], w) for i, w in enumerate(widths)]
+        )
+        self.ups = nn.ModuleList(
+            [nn.ConvTranspose3d(widths[i + 1], widths[i], p, stride=p) for i, p in enumerate(self.pools)]
+        )
+        self.dec = nn.ModuleList([ResUnit3d(2 * widths[i], widths[i]) for i in range(len(self.pools))])
+        self.head = nn.Conv3d(widths[0], num_classes, 1)
+        self.vae: VAEBranch | None = None
+        if vae:
+            dec_widths = [max(4, w // 2) for w in reversed(widths[:-1])]
+            self.vae = VAEBranch(widths[-1], latent or widths[-1], dec_widths, self.pools[::-1], in_channels)
+        self.contrast_level = min(int(contrast_level), len(widths) - 2)
+        self.proj: ProjectionHead | None = (
+            ProjectionHead(widths[self.contrast_level], proj_dim) if contrast else None
+        )
+
+    @property
+    def divisor(self) -> Pool:
+        """Input sizes must be multiples of this per axis (product of the pooling factors)."""
+        return tuple(math.prod(p[a] for p in self.pools) for a in range(3))  # type: ignore[return-value]
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        shape = tuple(x.shape[2:])
+        target = [math.ceil(s / d) * d for s, d in zip(shape, self.divisor)]
+        if list(shape) == target:
+            return x, shape
+        pad: list[int] = []
+        for s, t in zip(reversed(shape), reversed(target)):
+            pad += [0, t - s]
+        return F.pad(x, pad), shape
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encoder + decoder.
+
+        Returns:
+            (bottleneck (B, widths[-1], *s), decoder features where entry i is level i with
+            widths[i] channels; entry 0 is at full resolution).
+        """
+        skips: list[torch.Tensor] = []
+        h = x
+        for i, enc in enumerate(self.enc):
+            if i > 0:
+                h = F.max_pool3d(h, self.pools[i - 1], self.pools[i - 1])
+            h = enc(h)
+            skips.append(h)
+        bottleneck = h
+        dec_feats: list[torch.Tensor] = [torch.empty(0)] * len(self.pools)
+        for i in reversed(range(len(self.pools))):
+            h = self.dec[i](torch.cat([self.ups[i](h), skips[i]], 1))
+            dec_feats[i] = h
+        return bottleneck, dec_feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, Z, Y, X) → (B, K, Z, Y, X) logits (the segmenter alone)."""
+        xp, shape = self._pad(x)
+        _, feats = self.features(xp)
+        return self.head(feats[0])[(..., *[slice(0, s) for s in shape])]
+
+    def forward_train(self, x: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        """Everything the training losses need, at padded size (inputs should be multiples of
+        :attr:`divisor`; the data pipeline guarantees it).
+
+        Returns:
+            ``logits`` (B, K, *S); with the VAE: ``recon`` (B, C, *S), ``mu``, ``logvar``;
+            with the head: ``embed`` (B, proj_dim, *S / 2**contrast_level) unit vectors.
+        """
+        bottleneck, feats = self.features(x)
+        out = {"logits": self.head(feats[0])}
+        if self.vae is not None:
+            out["recon"], out["mu"], out["logvar"] = self.vae(bottleneck, sample)
+        if self.proj is not None:
+            out["embed"] = self.proj(feats[self.contrast_level])
+        return out

@@ -1,0 +1,260 @@
+"""EFS-MedSeg: 3-D contract, losses, regional switch, geometry, overfit, anisotropic round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import napari_medseg as nms
+from napari_medseg.engine.image import ImageError
+from napari_medseg.engine.metrics import dice_per_class
+from napari_medseg.engine.segmenter import NotTrainedError
+from napari_medseg.engine.train.data import TrainingDataError
+from napari_medseg.engine.train.regional_switch import (
+    SwitchOptions,
+    random_switch,
+    switch_regions,
+    transformed_copy,
+)
+from napari_medseg.engine.train.volume_data import plan_geometry
+from napari_medseg.models.efs_medseg import EfsMedSegNet
+from napari_medseg.models.efs_medseg_losses import (
+    anatomy_contrastive_loss,
+    dice_weight_map,
+    kl_loss,
+    soft_dice_per_class,
+    weighted_reconstruction_loss,
+)
+
+TINY = {"widths": [4, 8, 16], "patch_voxels": 8 * 24 * 24, "device": "cpu"}
+
+
+def phantom(seed: int, shape: tuple[int, int, int] = (12, 32, 32), zscale: float = 2.0):
+    """Two nested ellipsoids (classes 1 and 2) with noise; image float32, labels uint8."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape)
+    c = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+    d = np.sqrt(((z - c[0]) * zscale) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
+    r = min(shape[1:]) / 3.5
+    lab = (d < r).astype(np.uint8) + (d < r / 2)
+    img = 20 + lab * 40.0 + rng.normal(0, 4, shape)
+    return img.astype(np.float32), lab
+
+
+# ----------------------------------------------------------------------------- contract
+def test_card_and_registry() -> None:
+    assert "efs-medseg" in nms.list_models()
+    card = nms.model_card("efs-medseg")
+    assert card.spatial_dims == 3 and card.needs_labels and card.trainable and not card.promptable
+
+
+def test_forward_backward_shapes() -> None:
+    torch.manual_seed(0)
+    net = EfsMedSegNet(1, 3, widths=[4, 8, 16], pools=[(1, 2, 2), (2, 2, 2)], proj_dim=8)
+    x = torch.rand(2, 1, 6, 20, 28)  # not multiples of the divisor (2, 4, 4): padded inside
+    logits = net(x)
+    assert logits.shape == (2, 3, 6, 20, 28)
+    out = net.forward_train(torch.rand(2, 1, 8, 24, 24))
+    assert out["logits"].shape == (2, 3, 8, 24, 24)
+    assert out["recon"].shape == (2, 1, 8, 24, 24)
+    assert out["embed"].shape == (2, 8, 8, 12, 12)  # contrast_level 1 = after one (1, 2, 2) pool
+    sum(v.float().mean() for v in out.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_components_switch_off() -> None:
+    net = EfsMedSegNet(1, 2, widths=[4, 8], vae=False, contrast=False)
+    assert net.vae is None and net.proj is None
+    assert set(net.forward_train(torch.rand(1, 1, 8, 8, 8))) == {"logits"}
+
+
+def test_save_load_and_determinism(tmp_path) -> None:
+    torch.manual_seed(3)
+    seg = nms.load_model("efs-medseg", **TINY)
+    torch.manual_seed(3)
+    again = nms.load_model("efs-medseg", **TINY)
+    for (k, a), b in zip(seg.module.state_dict().items(), again.module.state_dict().values()):
+        assert torch.equal(a, b), k
+    seg.config.update(target_spacing=[2.0, 1.0, 1.0], patch_size=[8, 24, 24])
+    seg.trained = True
+    img, _ = phantom(1)
+    before = seg.segment(img, spacing=(2.0, 1.0, 1.0))
+    path = seg.save(tmp_path / "efs.safetensors")
+    loaded = nms.load_model(path, device="cpu")
+    assert loaded.card.name == "efs-medseg" and loaded.trained
+    assert loaded.config["target_spacing"] == [2.0, 1.0, 1.0]
+    x = torch.rand(1, 1, 8, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(seg.module(x), loaded.module(x))
+    np.testing.assert_array_equal(loaded.segment(img, spacing=(2.0, 1.0, 1.0)), before)
+
+
+def test_untrained_and_2d_errors() -> None:
+    seg = nms.load_model("efs-medseg", **TINY)
+    img, lab = phantom(0)
+    with pytest.raises(NotTrainedError):
+        seg.segment(img)
+    with pytest.raises(ImageError, match="3-D"):
+        seg.segment(img[0], allow_untrained=True)
+    with pytest.raises(TrainingDataError, match="2-D"):
+        next(iter(seg.finetune([img[6]], [lab[6]], steps=1)))
+
+
+# ----------------------------------------------------------------------------- losses
+def test_losses_differentiable_and_finite() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 8, 8))
+    d = soft_dice_per_class(logits, labels)
+    assert d.shape == (3,) and ((d >= 0) & (d <= 1)).all()
+    d.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+    recon = torch.rand(2, 1, 4, 8, 8, requires_grad=True)
+    w = dice_weight_map(labels, torch.tensor([0.9, 0.5, 0.1]), alpha=4.0)
+    assert w.shape == (2, 1, 4, 8, 8)
+    # Lower Dice → higher weight; weights are 1 + alpha * (1 - Dice).
+    assert torch.allclose(w[labels[:, None] == 2], torch.tensor(1 + 4 * 0.9))
+    assert torch.allclose(w[labels[:, None] == 0], torch.tensor(1 + 4 * 0.1))
+    rec = weighted_reconstruction_loss(recon, torch.rand(2, 1, 4, 8, 8), w)
+    rec.backward()
+    assert torch.isfinite(rec) and torch.isfinite(recon.grad).all() and recon.grad.abs().sum() > 0
+
+    mu = torch.randn(2, 4, 1, 2, 2, requires_grad=True)
+    logvar = torch.randn(2, 4, 1, 2, 2, requires_grad=True)
+    kl = kl_loss(mu, logvar)
+    kl.backward()
+    assert kl >= 0 and torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
+    assert kl_loss(torch.zeros(3), torch.zeros(3)).abs() < 1e-7  # N(0, 1) has zero KL
+
+    e1 = torch.nn.functional.normalize(torch.randn(2, 8, 4, 6, 6), dim=1).requires_grad_()
+    e2 = torch.nn.functional.normalize(torch.randn(2, 8, 4, 6, 6), dim=1).requires_grad_()
+    cls = torch.randint(0, 3, (2, 4, 6, 6))
+    con = anatomy_contrastive_loss(e1, e2, cls, temperature=0.5, samples_per_class=16)
+    con.backward()
+    assert torch.isfinite(con) and con > 0
+    assert torch.isfinite(e1.grad).all() and e1.grad.abs().sum() > 0 and e2.grad.abs().sum() > 0
+
+
+def test_contrast_prefers_anatomy_aligned_embeddings() -> None:
+    """Embeddings that separate the structures score lower than random ones."""
+    torch.manual_seed(0)
+    cls = torch.randint(0, 3, (2, 4, 6, 6))
+    good = torch.nn.functional.one_hot(cls, 8).movedim(-1, 1).float()
+    rand = torch.nn.functional.normalize(torch.randn(2, 8, 4, 6, 6), dim=1)
+    assert anatomy_contrastive_loss(good, good, cls) < anatomy_contrastive_loss(rand, rand, cls)
+    single = torch.zeros(1, 4, 6, 6, dtype=torch.long)
+    assert anatomy_contrastive_loss(rand[:1], rand[:1], single) == 0
+
+
+# ----------------------------------------------------------------------------- regional switch
+def _coded(offset: float, seed: int, shape=(10, 16, 16)):
+    """Image whose value encodes (source, label): offset + 0.1 * label."""
+    lab = np.random.default_rng(seed).integers(0, 4, shape).astype(np.int64)
+    return (offset + 0.1 * lab)[None].astype(np.float32), lab
+
+
+@pytest.mark.parametrize("smooth", [0.0, 3.0])
+def test_switch_keeps_labels_aligned_and_mixes_both_atlases(smooth: float) -> None:
+    a, b = _coded(0.0, 0), _coded(0.5, 1)
+    opts = SwitchOptions(regions=2, smooth=smooth)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        image, labels, m = switch_regions(*a, *b, rng, opts)
+        from_b = m > 0.5
+        assert from_b.any() and (~from_b).any()  # both atlases contribute
+        # Each voxel's label is the label of the source that dominates its intensity.
+        np.testing.assert_array_equal(labels[from_b], b[1][from_b])
+        np.testing.assert_array_equal(labels[~from_b], a[1][~from_b])
+        pure = (m == 0) | (m == 1)
+        decoded = np.round((image[0] - 0.5 * m) / 0.1).astype(int)
+        np.testing.assert_array_equal(decoded[pure], labels[pure])
+        if smooth:
+            assert ((m > 0) & (m < 1)).any()  # a soft border exists
+        else:
+            assert pure.all()
+
+
+def test_self_switch_and_pair_switch() -> None:
+    a, b = _coded(0.0, 0), _coded(0.5, 1)
+    rng = np.random.default_rng(1)
+    img, lab = transformed_copy(*a, rng)
+    np.testing.assert_array_equal(np.round(img[0] / 0.1).astype(int), lab)  # copy stays aligned
+    kinds = {random_switch(a, b, rng, SwitchOptions(self_prob=0.5))[2] for _ in range(20)}
+    assert kinds == {"pair", "self"}
+    image, labels, kind = random_switch(a, None, rng, SwitchOptions(smooth=0.0))
+    assert kind == "self" and (image < 0.45).all()  # one atlas: only its own values
+    np.testing.assert_array_equal(np.round(image[0] / 0.1).astype(int), labels)
+
+
+def test_plan_geometry_respects_anisotropy() -> None:
+    plan = plan_geometry([(10, 200, 200)] * 2, [(10.0, 1.5, 1.5)] * 2, 3, 16 * 96 * 96, 200_000)
+    z, y, x = plan.target_spacing
+    assert z == 10.0 and y == x and y > 1.5  # in-plane coarsened first, slices untouched
+    assert plan.pools[0] == (1, 2, 2)  # thick slices are not pooled at the first level
+    div = [int(np.prod([p[a] for p in plan.pools])) for a in range(3)]
+    assert all(n % d == 0 for n, d in zip(plan.patch, div))
+    assert np.prod(plan.patch) <= 16 * 96 * 96 * 1.5
+
+
+# ----------------------------------------------------------------------------- training
+def test_overfit_small_volume_fast() -> None:
+    """Fast variant: tiny net, switch/VAE/contrast off, through the shared loop."""
+    torch.manual_seed(0)
+    seg = nms.load_model(
+        "efs-medseg",
+        widths=[8, 16],
+        patch_voxels=8 * 16 * 16,
+        device="cpu",
+        use_vae=False,
+        use_contrast=False,
+        use_switch=False,
+    )
+    atlas, lab = phantom(0, (8, 20, 20))
+    records = list(
+        seg.finetune(
+            [atlas],
+            [lab],
+            steps=40,
+            lr=1e-2,
+            batch_size=1,
+            val_every=20,
+            augment="none",
+            spacing=(2.0, 1.0, 1.0),
+        )
+    )
+    last = records[-1]
+    assert last is not None and last.done and np.isfinite(last.loss)
+    pred = seg.segment(atlas, spacing=(2.0, 1.0, 1.0))
+    scores = dice_per_class(pred, lab, 3)
+    assert min(scores.values()) >= 0.9, scores
+
+
+@pytest.mark.slow
+def test_overfit_small_volume_all_components() -> None:
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", **TINY)
+    img2, lab2 = phantom(1)
+    unl = [phantom(s)[0] for s in (2, 3)]
+    atlas, lab = phantom(0)
+    for _ in seg.finetune(
+        [atlas, img2], [lab, lab2], unlabeled=unl, steps=150, lr=1e-2, spacing=(2.0, 1.0, 1.0), val_every=50
+    ):
+        pass
+    scores = dice_per_class(seg.segment(atlas, spacing=(2.0, 1.0, 1.0)), lab, 3)
+    assert min(scores.values()) >= 0.9, scores
+
+
+def test_anisotropic_volume_returns_its_own_shape(tmp_path) -> None:
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", **TINY)
+    atlas, lab = phantom(0)
+    unl = [phantom(4, (9, 27, 35), zscale=2.5)[0]]
+    for p in seg.finetune([atlas], [lab], unlabeled=unl, steps=1, spacing=(2.0, 1.0, 1.0)):
+        assert {"recon", "kl", "contrast", "ce", "dice"} <= set(p.terms)
+    assert seg.config["target_spacing"] == [2.0, 1.0, 1.0]
+    img, _ = phantom(5, (7, 29, 41), zscale=3.0)
+    out = seg.segment(img, spacing=(3.0, 0.8, 1.1))  # resampled to (10.5, 23.2, 45.1) inside
+    assert out.shape == img.shape and out.dtype == np.int32
+    assert seg.segment(img[:, :, :17], spacing=(3.0, 0.8, 1.1)).shape == (7, 29, 17)
