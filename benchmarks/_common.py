@@ -52,6 +52,7 @@ def peak_rss_mb() -> float:
 
 def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     """A Markdown table of ``rows`` restricted to ``cols``."""
+
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 

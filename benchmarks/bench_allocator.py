@@ -58,7 +58,10 @@ def main() -> None:
         env = {**os.environ, "NAPARI_MEDSEG_MALLOC": mode}
         res = subprocess.run(
             [sys.executable, "-c", CHILD, "2" if args.quick else "5"],
-            env=env, capture_output=True, text=True, check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT"))
         rows.append({"malloc": mode, **json.loads(line[6:])})

@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--small-pct", type=float, default=2.0)
     ap.add_argument("--small-limit", type=int, default=0, help="cases per dataset (0: 4 quick / 30)")
     ap.add_argument("--fewshot-datasets", default="kvasir_seg,busi,ph2")
+    ap.add_argument("--fewshot-ks", default="", help="comma-separated k values (default 1,3 quick / 1,3,5)")
     ap.add_argument("--fewshot-steps", type=int, default=0, help="0: 20 with --quick, else 100")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
@@ -308,7 +309,11 @@ def main() -> None:
         print(table(summary, list(summary[0]) if summary else []))
         out["small_targets"] = {"summary": summary, "cases": per_case}
     if DATA.is_dir() and args.fewshot:
-        ks = [1, 3] if args.quick else [1, 3, 5]
+        ks = (
+            [int(k) for k in args.fewshot_ks.split(",")]
+            if args.fewshot_ks
+            else ([1, 3] if args.quick else [1, 3, 5])
+        )
         steps = args.fewshot_steps or (20 if args.quick else 100)
         datasets = args.fewshot_datasets.split(",")
         rows_fs = fewshot(ks, 5 if args.quick else 20, steps, datasets)

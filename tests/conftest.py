@@ -24,9 +24,8 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 def toy_registered():
     """Register the toy test network for one test, then remove it again."""
-    from toy import TOY_CARD, ToySegmenter
-
     from napari_medseg.engine import registry
+    from toy import TOY_CARD, ToySegmenter
 
     registry.list_models()  # load the built-ins first so they are not re-imported later
     registry.register(TOY_CARD, ToySegmenter)
@@ -35,7 +34,9 @@ def toy_registered():
     registry._CLASSES.pop(TOY_CARD.name, None)
 
 
-def disc_image(size: int = 64, radius: float = 12.0, center: tuple[float, float] | None = None, seed: int = 0):
+def disc_image(
+    size: int = 64, radius: float = 12.0, center: tuple[float, float] | None = None, seed: int = 0
+):
     """A noisy bright disc on a dark background and its mask (image float32, mask uint8)."""
     cy, cx = center or (size / 2 - 2, size / 2 + 3)
     yy, xx = np.mgrid[:size, :size]

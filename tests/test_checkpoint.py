@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import disc_image
 
 import napari_medseg as nms
+from conftest import disc_image
 from napari_medseg.engine import checkpoint as ck
 from napari_medseg.engine.checkpoint import CheckpointError
 

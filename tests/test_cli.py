@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import disc_image
 
+from conftest import disc_image
 from napari_medseg.cli import build_parser, main
 from napari_medseg.engine.io import read_image, write_image
 from napari_medseg.engine.metrics import dice
@@ -33,8 +33,26 @@ def test_train_then_segment(toy_registered, tmp_path, capsys):
         write_image(imgs / f"case{i}.tif", image)
         write_image(labs / f"case{i}.tif", mask * 255)  # 0/255 masks are read as class 1
     ckpt = tmp_path / "toy.safetensors"
-    rc = main(["train", "toy-test-net", "--images", str(imgs), "--labels", str(labs), "-o", str(ckpt),
-               "--steps", "80", "--augment", "none", "--device", "cpu", "--option", "lr=0.02"])
+    rc = main(
+        [
+            "train",
+            "toy-test-net",
+            "--images",
+            str(imgs),
+            "--labels",
+            str(labs),
+            "-o",
+            str(ckpt),
+            "--steps",
+            "80",
+            "--augment",
+            "none",
+            "--device",
+            "cpu",
+            "--option",
+            "lr=0.02",
+        ]
+    )
     assert rc == 0 and ckpt.is_file()
     assert "best validation Dice" in capsys.readouterr().out
     out = tmp_path / "pred.nii.gz"
@@ -58,4 +76,15 @@ def test_train_needs_matching_files(tmp_path):
     write_image(tmp_path / "b" / "y.png", np.zeros((16, 16), np.uint8))
     write_image(tmp_path / "a" / "z.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(SystemExit, match="same name"):
-        main(["train", "sts-net", "--images", str(tmp_path / "a"), "--labels", str(tmp_path / "b"), "-o", "x.safetensors"])
+        main(
+            [
+                "train",
+                "sts-net",
+                "--images",
+                str(tmp_path / "a"),
+                "--labels",
+                str(tmp_path / "b"),
+                "-o",
+                "x.safetensors",
+            ]
+        )

@@ -20,7 +20,13 @@ SMALL: dict[str, dict] = {
         "backbone": "sam_vit_b",
         "weights": "none",
         "input_size": 64,
-        "vit_overrides": {"embed_dim": 32, "depth": 4, "num_heads": 2, "global_attn_indexes": [1, 3], "window_size": 2},
+        "vit_overrides": {
+            "embed_dim": 32,
+            "depth": 4,
+            "num_heads": 2,
+            "global_attn_indexes": [1, 3],
+            "window_size": 2,
+        },
     },
     "efs-medseg": {"widths": [4, 8, 16], "patch_voxels": 8 * 24 * 24},
 }

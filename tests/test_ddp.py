@@ -20,13 +20,17 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    import numpy as np
+
     from conftest import disc_image
     from toy import ToySegmenter
-
-    import numpy as np
 
     images, labels = zip(*[disc_image(seed=i, center=(20 + 6 * i, 30)) for i in range(4)])
     seg = ToySegmenter(device="cpu")

@@ -111,7 +111,6 @@ def test_out_of_memory_retries_with_smaller_batches(toy):
 
 def test_training_out_of_memory_suggests_smaller_batch(toy_registered, monkeypatch):
     from conftest import disc_image
-
     from napari_medseg.engine.device import OutOfMemory
 
     seg = toy_registered(device="cpu")

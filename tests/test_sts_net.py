@@ -245,8 +245,15 @@ def test_overfit_one_image():
     steps = 100
     records = list(
         seg.finetune(
-            image, mask, steps=steps, seed=0, lr=1e-3, batch_size=2, augment="none",
-            small_target=False, val_every=steps,
+            image,
+            mask,
+            steps=steps,
+            seed=0,
+            lr=1e-3,
+            batch_size=2,
+            augment="none",
+            small_target=False,
+            val_every=steps,
         )
     )
     assert records[-1].done and np.isfinite(records[-1].loss)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import disc_image
 
 import napari_medseg as nms
+from conftest import disc_image
 from napari_medseg.engine.metrics import dice
 from napari_medseg.engine.train.data import TrainingDataError
 

@@ -20,8 +20,15 @@ def test_offline_error_names_file_and_folder(monkeypatch, tmp_path):
 def test_hand_placed_file_is_used_and_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("NAPARI_MEDSEG_WEIGHTS", str(tmp_path))
     payload = b"weights!"
-    entry = w.WeightsEntry("tiny", "tiny.pth", "https://example.invalid/tiny.pth",
-                           hashlib.sha256(payload).hexdigest()[:8], 0.0, "MIT", "test")
+    entry = w.WeightsEntry(
+        "tiny",
+        "tiny.pth",
+        "https://example.invalid/tiny.pth",
+        hashlib.sha256(payload).hexdigest()[:8],
+        0.0,
+        "MIT",
+        "test",
+    )
     monkeypatch.setitem(w.WEIGHTS, "tiny", entry)
     (tmp_path / "tiny.pth").write_bytes(payload)
     assert w.fetch_weights("tiny", download=False) == tmp_path / "tiny.pth"

@@ -29,7 +29,14 @@ class ToySegmenter(Segmenter):
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
-        return {"in_channels": 1, "width": 8, "input_size": 32, "working_size": 0, "batch_size": 4, "loss": "dice_ce"}
+        return {
+            "in_channels": 1,
+            "width": 8,
+            "input_size": 32,
+            "working_size": 0,
+            "batch_size": 4,
+            "loss": "dice_ce",
+        }
 
     def build_module(self) -> nn.Module:
         w = int(self.config["width"])

@@ -27,7 +27,7 @@ _LAZY = {
 }
 
 # A napari console may load us after the viewer opened: see _llvm_guard.py (cheap, no preload).
-from napari_medseg._llvm_guard import avoid_llvm_clash as _avoid_llvm_clash
+from napari_medseg._llvm_guard import avoid_llvm_clash as _avoid_llvm_clash  # noqa: E402
 
 _avoid_llvm_clash(preload=False)
 

@@ -118,8 +118,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         labels = stop.value
     finally:
         bar.close()
-    out = write_image(args.output, labels.astype("uint16" if labels.max() > 255 else "uint8"), image.scale, image.metadata)
-    sys.stdout.write(f"wrote {out} ({int((labels > 0).sum())} labeled pixels, classes {sorted(set(labels.ravel().tolist()) - {0})[:10]})\n")
+    out = write_image(
+        args.output, labels.astype("uint16" if labels.max() > 255 else "uint8"), image.scale, image.metadata
+    )
+    import numpy as np
+
+    classes = [int(c) for c in np.unique(labels) if c != 0]
+    sys.stdout.write(f"wrote {out} ({int((labels > 0).sum())} labeled pixels, classes {classes[:10]})\n")
     return 0
 
 
@@ -136,7 +141,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     for ip, lp in pairs:
         img, lab = read_image(ip), read_image(lp)
         lab_data = np.asarray(lab.data)
-        if lab_data.ndim == 3 and lab_data.shape[-1] in (3, 4) and img.data.ndim == 3 and img.data.shape[-1] == 3:
+        if (
+            lab_data.ndim == 3
+            and lab_data.shape[-1] in (3, 4)
+            and img.data.ndim == 3
+            and img.data.shape[-1] == 3
+        ):
             lab_data = lab_data[..., 0]
         values = np.unique(lab_data)
         if args.binarize or set(values.tolist()) <= {0, 255}:
@@ -219,9 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="input image file")
     s.add_argument("-o", "--output", required=True, help="output labels file (.nii.gz, .tif, .png, .npy)")
     s.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    s.add_argument("--preset", default=None, help="intensity preset: auto, ct-soft-tissue, ct-lung, ct-bone, ct-brain, ct:LEVEL,WIDTH, mr, ultrasound, rgb, uint8, minmax")
+    s.add_argument(
+        "--preset",
+        default=None,
+        help="intensity preset: auto, ct-soft-tissue, ct-lung, ct-bone, ct-brain, ct:LEVEL,WIDTH, "
+        "mr, ultrasound, rgb, uint8, minmax",
+    )
     s.add_argument("--channel-axis", type=int, default=None, help="axis of RGB channels, if not last")
-    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="network option (repeatable)")
+    s.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="network option (repeatable)"
+    )
     s.set_defaults(func=cmd_segment)
 
     t = sub.add_parser(
@@ -234,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", required=True, help="image file or folder")
     t.add_argument("--labels", required=True, help="label file or folder (same file names)")
     t.add_argument("--unlabeled", default=None, help="folder of unlabeled images (efs-medseg)")
-    t.add_argument("-o", "--output", required=True, help="checkpoint to write (.safetensors); also the resume point")
+    t.add_argument(
+        "-o", "--output", required=True, help="checkpoint to write (.safetensors); also the resume point"
+    )
     t.add_argument("--base", default=None, help="start from this checkpoint instead of the default weights")
     t.add_argument("--steps", type=int, default=None, help="optimiser steps")
     t.add_argument("--epochs", type=int, default=None, help="passes over the labeled slices (if no --steps)")
@@ -246,11 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     t.add_argument("--resume", action="store_true", help="continue from --output if it exists")
     t.add_argument("--binarize", action="store_true", help="treat every non-zero label as class 1")
-    t.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="network or training option (repeatable)")
+    t.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="network or training option (repeatable)",
+    )
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("demo", help="open napari with a sample and the widgets", description="Open napari with a sample image, the Segment, Prompt and Fine-tune widgets docked, and HF-SAM (LiteMedSAM weights, offline) selected.")
-    d.add_argument("--sample", choices=["2d", "3d"], default="3d", help="which sample to load (default 3d MRI)")
+    d = sub.add_parser(
+        "demo",
+        help="open napari with a sample and the widgets",
+        description="Open napari with a sample image, the Segment, Prompt and Fine-tune widgets "
+        "docked, and HF-SAM (LiteMedSAM weights, offline) selected.",
+    )
+    d.add_argument(
+        "--sample", choices=["2d", "3d"], default="3d", help="which sample to load (default 3d MRI)"
+    )
     d.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_demo)
     return p

@@ -134,9 +134,7 @@ def load_checkpoint(path: str | os.PathLike[str], expect_model: str | None = Non
     meta = read_metadata(path)
     name = Path(path).name
     if expect_model is not None and meta["model"] != expect_model:
-        raise CheckpointError(
-            f"{name} is a checkpoint of network {meta['model']!r}, not {expect_model!r}"
-        )
+        raise CheckpointError(f"{name} is a checkpoint of network {meta['model']!r}, not {expect_model!r}")
     try:
         tensors = load_file(str(path))
     except Exception as err:
@@ -168,9 +166,7 @@ def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
     if missing:
         raise CheckpointError(f"{name}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
     if unexpected:
-        raise CheckpointError(
-            f"{name}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected)"
-        )
+        raise CheckpointError(f"{name}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected)")
     for key, value in tensors.items():
         if tuple(own[key].shape) != tuple(value.shape):
             raise CheckpointError(

@@ -72,10 +72,10 @@ def read_image(path: str | os.PathLike[str]) -> ImageData:
             data = np.load(p, allow_pickle=False)
             return ImageData(data, (1.0,) * data.ndim, {"source": str(p), "format": "npy"})
     except Exception as err:  # decoders raise many types (ImageFileError, OSError, zlib.error)
-        raise ValueError(f"cannot read {p.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    raise ValueError(
-        f"unsupported file type {suffix!r} for {p.name}; use NIfTI, TIFF, PNG, JPEG or .npy"
-    )
+        raise ValueError(
+            f"cannot read {p.name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+    raise ValueError(f"unsupported file type {suffix!r} for {p.name}; use NIfTI, TIFF, PNG, JPEG or .npy")
 
 
 def _read_nifti(p: Path) -> ImageData:

@@ -115,9 +115,7 @@ def detect_preset(image: np.ndarray, rgb: bool) -> IntensityPreset:
     return get_preset("mr")
 
 
-def resolve_preset(
-    preset: str | IntensityPreset | None, image: np.ndarray, rgb: bool
-) -> IntensityPreset:
+def resolve_preset(preset: str | IntensityPreset | None, image: np.ndarray, rgb: bool) -> IntensityPreset:
     """Turn ``"auto"``/``None``/a name/a preset into a concrete :class:`IntensityPreset`."""
     if isinstance(preset, IntensityPreset):
         return preset

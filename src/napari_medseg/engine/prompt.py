@@ -108,7 +108,11 @@ class PromptModel(Protocol):
     def encode_slice(self, image: np.ndarray, roi: tuple[int, int, int, int] | None) -> Embedding: ...
     def plan_roi(self, prompts: Prompts, shape: tuple[int, int]) -> tuple[int, int, int, int] | None: ...
     def decode_prompts(
-        self, embedding: Embedding, prompts: Prompts, shape: tuple[int, int], roi: tuple[int, int, int, int] | None
+        self,
+        embedding: Embedding,
+        prompts: Prompts,
+        shape: tuple[int, int],
+        roi: tuple[int, int, int, int] | None,
     ) -> PromptResult: ...
 
 
@@ -180,7 +184,9 @@ class PromptSession:
         z = self._z(slice_index)
         return (z, roi) in self._cache or _disk_name(z, roi) in self._disk_names
 
-    def embedding(self, slice_index: int | None = None, roi: tuple[int, int, int, int] | None = None) -> Embedding:
+    def embedding(
+        self, slice_index: int | None = None, roi: tuple[int, int, int, int] | None = None
+    ) -> Embedding:
         """The (cached) embedding of a slice, encoding it if needed (may take a second)."""
         z = self._z(slice_index)
         key = (z, roi)
@@ -209,7 +215,9 @@ class PromptSession:
         Returns:
             The number of slices encoded.
         """
-        todo = [z for z in (slices if slices is not None else range(self.num_slices)) if not self.is_cached(z)]
+        todo = [
+            z for z in (slices if slices is not None else range(self.num_slices)) if not self.is_cached(z)
+        ]
         for i, z in enumerate(todo):
             emb = self.embedding(z)
             self._disk.update(_flatten(emb, _disk_name(z, None)))
@@ -263,7 +271,7 @@ class PromptSession:
         box: Sequence[float] | None = None,
         slice_index: int | None = None,
     ) -> np.ndarray:
-        """bool (Y, X) mask of the object the prompts point at, on one slice."""
+        """Bool (Y, X) mask of the object the prompts point at, on one slice."""
         return self.predict_result(Prompts.make(points, point_labels, box), slice_index).mask
 
     def iter_propagate(

@@ -119,9 +119,7 @@ def model_card(name: str) -> ModelCard:
     try:
         return _CARDS[name]
     except KeyError:
-        raise KeyError(
-            f"unknown network {name!r}; known networks: {', '.join(sorted(_CARDS))}"
-        ) from None
+        raise KeyError(f"unknown network {name!r}; known networks: {', '.join(sorted(_CARDS))}") from None
 
 
 def segmenter_class(name: str) -> type[Segmenter]:

@@ -140,9 +140,7 @@ def predict_slice_logits(
     return resize(logits[None], shape)[0]
 
 
-def batched_fit_logits(
-    slices: torch.Tensor, fn: LogitsFn, input_size: int
-) -> torch.Tensor:
+def batched_fit_logits(slices: torch.Tensor, fn: LogitsFn, input_size: int) -> torch.Tensor:
     """Fast path for several slices that each fit the input after scaling.
 
     Args:

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Transform = Callable[
-    [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
-]
+Transform = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
-def flip_rot90(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def flip_rot90(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random horizontal/vertical flip and 90° rotation (label-exact)."""
     k = int(rng.integers(4))
     image, label = np.rot90(image, k, axes=(1, 2)), np.rot90(label, k)
@@ -45,9 +45,7 @@ def affine(
     """
     a = math.radians(angle)
     cos, sin = math.cos(a) / scale, math.sin(a) / scale
-    theta = torch.tensor(
-        [[cos, -sin, 2 * shift[1]], [sin, cos, 2 * shift[0]]], dtype=torch.float32
-    )[None]
+    theta = torch.tensor([[cos, -sin, 2 * shift[1]], [sin, cos, 2 * shift[0]]], dtype=torch.float32)[None]
     img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     lab = torch.from_numpy(np.ascontiguousarray(label)).float()[None, None]
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
@@ -59,7 +57,9 @@ def affine(
 def make_random_affine(max_angle: float, scale_range: tuple[float, float], p: float) -> Transform:
     """A transform applying :func:`affine` with probability ``p``."""
 
-    def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         if rng.random() >= p:
             return image, label
         angle = float(rng.uniform(-max_angle, max_angle))
@@ -72,7 +72,9 @@ def make_random_affine(max_angle: float, scale_range: tuple[float, float], p: fl
 def make_intensity(strength: float) -> Transform:
     """Random brightness, contrast and gamma, clipped to ``[0, 1]``."""
 
-    def apply(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def apply(
+        image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         gamma = float(np.exp(rng.uniform(-strength, strength)))
         contrast = 1 + float(rng.uniform(-strength, strength))
         bright = float(rng.uniform(-strength, strength)) * 0.5

@@ -218,9 +218,9 @@ class SliceData:
                 if max(image.shape[1:]) > seg.input_size:
                     from napari_medseg.engine.runner import drain, predict_slice_logits
 
-                    logits = drain(
-                        predict_slice_logits(x[0], seg.logits, seg.input_size, seg.working_size)
-                    )[None]  # type: ignore[index]
+                    logits = drain(predict_slice_logits(x[0], seg.logits, seg.input_size, seg.working_size))[
+                        None
+                    ]  # type: ignore[index]
                 else:
                     logits = batched_fit_logits(x, seg.logits, seg.input_size)
                 pred = logits.argmax(1)[0].cpu().numpy()
