@@ -7,14 +7,10 @@ import ctypes.util
 import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # glibc mallopt parameter ids (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -122,31 +118,3 @@ def free_cuda_cache() -> None:
     """Return cached CUDA blocks after an out-of-memory error (no-op without CUDA)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def with_oom_retry(fn: Callable[[int], T], batch_size: int, what: str = "this step") -> T:
-    """Call ``fn(batch_size)``, halving the batch after each out-of-memory error.
-
-    Args:
-        fn: Work that takes a batch size.
-        batch_size: First batch size to try.
-        what: Words for the error message.
-
-    Raises:
-        OutOfMemory: If even batch size 1 runs out of memory.
-    """
-    size = max(1, int(batch_size))
-    while True:
-        try:
-            return fn(size)
-        except RuntimeError as err:
-            if not is_oom(err):
-                raise
-            free_cuda_cache()
-            if size == 1:
-                raise OutOfMemory(
-                    f"out of memory for {what} even at batch size 1; choose a smaller input or "
-                    "crop size, close other GPU programs, or run on the CPU"
-                ) from err
-            size //= 2
-            log.warning("out of memory for %s; retrying with batch size %d", what, size)

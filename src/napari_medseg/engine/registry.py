@@ -8,7 +8,6 @@ card is asked for, so ``import napari_medseg`` stays cheap.
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -94,13 +93,7 @@ def _load_builtins() -> None:
         return
     _loaded = True
     for module in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            # A network not shipped (yet) is simply absent; a broken import inside it still raises.
-            if err.name != module:
-                raise
-            logging.getLogger(__name__).debug("network module %s not present", module)
+        importlib.import_module(module)
 
 
 def list_models() -> list[str]:
