@@ -118,9 +118,8 @@ def screenshot(path: Path) -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_medseg import load_model
-    from napari_medseg.widgets.prompt import PromptWidget, block_triton_in_viewer
+    from napari_medseg.widgets.prompt import PromptWidget  # the widgets package guards Triton
 
-    block_triton_in_viewer()
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
     viewer.window.resize(1400, 900)
@@ -159,9 +158,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
     import torch
     from qtpy.QtWidgets import QApplication
 
-    from napari_medseg.widgets.prompt import PromptWidget, block_triton_in_viewer
+    from napari_medseg.widgets.prompt import PromptWidget  # the widgets package guards Triton
 
-    block_triton_in_viewer()  # as the widget does: triton + Mesa llvmpipe segfault
     torch.manual_seed(0)
     clicks = args.clicks or (5 if args.quick else 15)
     nz = 10 if args.quick else 100
