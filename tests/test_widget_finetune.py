@@ -214,8 +214,6 @@ def test_3d_network_given_2d_image_and_unlabeled_list(make_napari_viewer, qtbot,
 @pytest.mark.slow  # STS-Net is a ResNeXt-50 at 256²: tens of seconds per step on 2 busy CPUs
 def test_sts_net_short_finetune_end_to_end(make_napari_viewer, qtbot, tmp_path):
     """A real network through the widget: 2 steps of STS-Net, then it segments via the session."""
-    if "sts-net" not in registry.list_models():
-        pytest.skip("sts-net is not registered")
     viewer = make_napari_viewer()
     image, labels = painted_volume(z=2, size=48)
     viewer.add_image(image, name="ct", scale=(3.0, 1.0, 1.0))

@@ -55,24 +55,12 @@ from napari_medseg.widgets._layers import (
 from napari_medseg.widgets._plot import LossPlot
 from napari_medseg.widgets._worker import EngineJob
 from napari_medseg.widgets.segment import available_networks
-from napari_medseg.widgets.session import SessionModel, session_models
+from napari_medseg.widgets.session import SessionModel, default_checkpoint_dir, session_models
 
 log = logging.getLogger(__name__)
 
 AUGMENT = ("none", "light", "default", "strong")
 DEFAULT_STEPS = 200
-
-
-def default_checkpoint_dir() -> Path:
-    """Folder for checkpoints saved without a chosen path (the user's data folder)."""
-    try:
-        from platformdirs import user_data_dir
-    except ImportError:  # napari brings platformdirs; this keeps the widget importable without it
-        import os
-
-        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        return Path(base) / "napari-medseg" / "models"
-    return Path(user_data_dir("napari-medseg")) / "models"
 
 
 def network_train_defaults(name: str) -> TrainOptions:

@@ -155,3 +155,15 @@ def session_models(viewer: Any) -> SessionModels:
         store = SessionModels()
         _STORES[viewer] = store
     return store
+
+
+def default_checkpoint_dir() -> Path:
+    """Folder for checkpoints saved without a chosen path (the user's data folder)."""
+    try:
+        from platformdirs import user_data_dir
+    except ImportError:  # napari brings platformdirs; this keeps the widget importable without it
+        import os
+
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "napari-medseg" / "models"
+    return Path(user_data_dir("napari-medseg")) / "models"
