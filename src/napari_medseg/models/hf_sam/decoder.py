@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.mask_decoder import MLP
+from segment_anything.modeling.transformer import TwoWayTransformer
 from torch import nn
 
+from napari_medseg.models.hf_sam import fast_decoder as fast
 from napari_medseg.models.hf_sam.awffm import AWFFM
 
 
@@ -94,6 +96,22 @@ def low_level(head: HFHead, early: torch.Tensor | None, size: tuple[int, int]) -
     return f
 
 
+def prepare_src(
+    head: HFHead, image_embedding: torch.Tensor, f_low: torch.Tensor | None, dense: torch.Tensor
+) -> torch.Tensor:
+    """Transformer image input: embedding (after pre-fusion) + dense prompt embedding.
+
+    A dense embedding expanded from one image (SAM's "no mask" embedding, batch stride 0) stays
+    batch 1, so one image side serves every prompt set.
+    """
+    src = image_embedding
+    if head.fusion_pre is not None and f_low is not None:
+        src = head.fusion_pre(src, f_low)
+    if dense.shape[0] > 1 and dense.stride(0) == 0:
+        dense = dense[:1]
+    return src + dense
+
+
 def run_transformer(
     decoder: MaskDecoder,
     head: HFHead,
@@ -102,8 +120,14 @@ def run_transformer(
     image_pe: torch.Tensor,
     tokens: torch.Tensor,
     dense: torch.Tensor,
+    side: fast.ImageSideCache | None = None,
+    use_fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-way transformer with the fusion points, then SAM's upscaling.
+
+    With ``use_fast`` (inference only) the same weights run through :mod:`fast_decoder`
+    (attention folded onto the token side, matmul upscaling, optional cached image side);
+    otherwise SAM's own modules run.
 
     Args:
         image_embedding: (1 or B, 256, h, w); a single embedding is shared by B prompt sets.
@@ -111,23 +135,31 @@ def run_transformer(
         image_pe: (1, 256, h, w) dense positional encoding.
         tokens: (B, T, 256) output + prompt tokens.
         dense: (B, 256, h, w) dense prompt embedding.
+        side: Cached :func:`fast_decoder.image_side` of ``prepare_src(...)`` (fast path only).
+        use_fast: Take the fast path (ignored while autograd is on).
 
     Returns:
         (token outputs (B, T, 256), upscaled image features (B, 32, 4h, 4w)).
     """
     b = tokens.shape[0]
-    src = image_embedding
-    if head.fusion_pre is not None and f_low is not None:
-        src = head.fusion_pre(src, f_low)
-    if src.shape[0] != b:
-        src = src.expand(b, -1, -1, -1)
-    src = src + dense
-    pos = image_pe.expand(b, -1, -1, -1)
-    _, c, h, w = src.shape
-    hs, out = decoder.transformer(src, pos, tokens)
+    c, h, w = image_embedding.shape[1:]
+    use_fast = use_fast and not torch.is_grad_enabled()
+    if use_fast and isinstance(decoder.transformer, TwoWayTransformer):
+        if side is None:
+            side = fast.image_side(
+                decoder.transformer, prepare_src(head, image_embedding, f_low, dense), image_pe
+            )
+        hs, out = fast.two_way(decoder.transformer, tokens, image_pe, side)
+    else:
+        src = prepare_src(head, image_embedding, f_low, dense)
+        if src.shape[0] != b:
+            src = src.expand(b, -1, -1, -1)
+        hs, out = decoder.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
     out = out.transpose(1, 2).reshape(b, c, h, w)
     if head.fusion_post is not None and f_low is not None:
         out = head.fusion_post(out, f_low)
+    if use_fast and fast.is_standard(decoder.output_upscaling):
+        return hs, fast.upscale(decoder.output_upscaling, out)
     return hs, decoder.output_upscaling(out)
 
 
@@ -135,7 +167,11 @@ def masks_from_tokens(token_out: torch.Tensor, mlps: nn.ModuleList, upscaled: to
     """Hypernetwork masks: (B, M, 256) tokens, M MLPs, (B, 32, H, W) → (B, M, H, W) logits."""
     hyper = torch.stack([mlp(token_out[:, i]) for i, mlp in enumerate(mlps)], 1)
     b, c, h, w = upscaled.shape
-    return (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    if upscaled.is_contiguous():
+        return (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    # Channels-last features from the fast upscaling path: contract over the last axis.
+    pixels = upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return (pixels @ hyper.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
 
 
 def decode_prompted(
@@ -147,6 +183,8 @@ def decode_prompted(
     sparse: torch.Tensor,
     dense: torch.Tensor,
     multimask: bool,
+    side: fast.ImageSideCache | None = None,
+    use_fast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's prompted decode (same maths as ``MaskDecoder.forward``) with the fusion points.
 
@@ -155,7 +193,7 @@ def decode_prompted(
     """
     out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
     tokens = torch.cat([out_tokens[None].expand(sparse.shape[0], -1, -1), sparse], 1)
-    hs, up = run_transformer(decoder, head, image_embedding, f_low, image_pe, tokens, dense)
+    hs, up = run_transformer(decoder, head, image_embedding, f_low, image_pe, tokens, dense, side, use_fast)
     n = decoder.num_mask_tokens
     masks = masks_from_tokens(hs[:, 1 : 1 + n], decoder.output_hypernetworks_mlps, up)
     iou = decoder.iou_prediction_head(hs[:, 0])
@@ -170,10 +208,11 @@ def decode_free(
     f_low: torch.Tensor | None,
     image_pe: torch.Tensor,
     dense: torch.Tensor,
+    use_fast: bool = False,
 ) -> torch.Tensor:
-    """Prompt-free decode: (B, K+1, 4h, 4w) class logits."""
+    """Prompt-free decode: (B, K+1, 4h, 4w) class logits (``use_fast``: see run_transformer)."""
     b = image_embedding.shape[0]
     out_tokens = torch.cat([decoder.iou_token.weight, head.class_tokens.weight], 0)
     tokens = out_tokens[None].expand(b, -1, -1)
-    hs, up = run_transformer(decoder, head, image_embedding, f_low, image_pe, tokens, dense)
+    hs, up = run_transformer(decoder, head, image_embedding, f_low, image_pe, tokens, dense, None, use_fast)
     return masks_from_tokens(hs[:, 1 : 1 + head.num_classes], head.class_mlps, up)

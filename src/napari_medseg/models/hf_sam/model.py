@@ -7,13 +7,28 @@ under ``hf`` (see :class:`~napari_medseg.models.hf_sam.decoder.HFHead`) or in Lo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from napari_medseg.models.hf_sam import fast_decoder as fast
 from napari_medseg.models.hf_sam.backbones import build_encoder, embedding_side
-from napari_medseg.models.hf_sam.decoder import HFHead, decode_free, decode_prompted, low_level
+from napari_medseg.models.hf_sam.decoder import (
+    HFHead,
+    decode_free,
+    decode_prompted,
+    low_level,
+    prepare_src,
+)
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter (inference tensors have none; they are never edited in place here)."""
+    return -1 if t.is_inference() else int(t._version)
+
 
 # SAM's ImageNet statistics on a 0..255 scale.
 SAM_MEAN = (123.675, 116.28, 103.53)
@@ -46,6 +61,12 @@ class HFSAM(nn.Module):
         vit_overrides: dict[str, object] | None = None,
     ) -> None:
         super().__init__()
+        # (key, weakref(embedding), weakref(early) | None, ImageSideCache): see _cached_side.
+        self._side_cache: tuple | None = None
+        self._pe_cache: tuple | None = None  # (key, (1, 256, h, w) dense PE): see dense_pe
+        # Inference through fast_decoder (same weights, float-rounding differences only);
+        # False runs SAM's own decoder modules, e.g. to compare with the base model bit-closely.
+        self.fast_decode = True
         if pixel_norm not in ("unit", "sam"):
             raise ValueError(f"pixel_norm must be 'unit' or 'sam', got {pixel_norm!r}")
         self.backbone = backbone
@@ -100,8 +121,24 @@ class HFSAM(nn.Module):
         return self.image_encoder.forward_features(x)
 
     def dense_pe(self) -> torch.Tensor:
-        """(1, 256, h, w) positional encoding of the embedding grid."""
-        return self.prompt_encoder.get_dense_pe()
+        """(1, 256, h, w) positional encoding of the embedding grid.
+
+        Cached outside autograd (a few ms of sin/cos per click on a CPU); the key includes the
+        random-Fourier matrix's version, so loading or training weights recomputes it.
+        """
+        if torch.is_grad_enabled():
+            return self.prompt_encoder.get_dense_pe()
+        gauss = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        key = (
+            gauss.device,
+            gauss.dtype,
+            _version(gauss),
+            id(gauss),
+            self.prompt_encoder.image_embedding_size,
+        )
+        if self._pe_cache is None or self._pe_cache[0] != key:
+            self._pe_cache = (key, self.prompt_encoder.get_dense_pe())
+        return self._pe_cache[1]
 
     def decode(
         self,
@@ -127,9 +164,54 @@ class HFSAM(nn.Module):
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
         f_low = low_level(self.hf, early, tuple(embedding.shape[-2:]))
+        pe = self.dense_pe()
+        use_fast = self.fast_decode and not torch.is_grad_enabled()
+        side = None
+        if use_fast and masks is None:
+            side = self._cached_side(embedding, early, f_low, dense, pe)
         return decode_prompted(
-            self.mask_decoder, self.hf, embedding, f_low, self.dense_pe(), sparse, dense, multimask
+            self.mask_decoder, self.hf, embedding, f_low, pe, sparse, dense, multimask, side, use_fast
         )
+
+    def _cached_side(
+        self,
+        embedding: torch.Tensor,
+        early: torch.Tensor | None,
+        f_low: torch.Tensor | None,
+        dense: torch.Tensor,
+        pe: torch.Tensor,
+    ) -> fast.ImageSideCache | None:
+        """The transformer's prompt-independent image side, reused across clicks on one image.
+
+        Keyed on the embedding tensor's identity and in-place version, and on the version of
+        every parameter it depends on, so training or loading weights invalidates it.
+        """
+        if not isinstance(self.mask_decoder.transformer, TwoWayTransformer):
+            return None
+        params = (*self.mask_decoder.transformer.layers[0].parameters(), *self.prompt_encoder.parameters())
+        params += tuple(self.hf.parameters())
+        # f_low is recomputed from ``early`` on every call, so the early feature is the key.
+        source = early if f_low is not None else None
+        key = (
+            id(embedding),
+            _version(embedding),
+            None if source is None else (id(source), _version(source)),
+            tuple(_version(p) for p in params),
+        )
+        cached = self._side_cache
+        # The weak references make sure a recycled id() never matches a freed tensor.
+        if cached is not None and cached[0] == key and cached[1]() is embedding:
+            if source is None or cached[2]() is source:
+                return cached[3]
+        src = prepare_src(self.hf, embedding, f_low, dense)
+        side = fast.image_side(self.mask_decoder.transformer, src, pe)
+        self._side_cache = (
+            key,
+            weakref.ref(embedding),
+            None if source is None else weakref.ref(source),
+            side,
+        )
+        return side
 
     def decode_free(self, embedding: torch.Tensor, early: torch.Tensor | None) -> torch.Tensor:
         """Prompt-free decode: (B, 256, h, w) → (B, K+1, 4h, 4w) class logits."""
@@ -138,7 +220,9 @@ class HFSAM(nn.Module):
             b, -1, *embedding.shape[-2:]
         )
         f_low = low_level(self.hf, early, tuple(embedding.shape[-2:]))
-        return decode_free(self.mask_decoder, self.hf, embedding, f_low, self.dense_pe(), dense)
+        return decode_free(
+            self.mask_decoder, self.hf, embedding, f_low, self.dense_pe(), dense, self.fast_decode
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Prompt-free segmentation: (B, 3, S, S) in [0, 1] → (B, K+1, S, S) class logits."""
