@@ -41,11 +41,15 @@ class ConvBN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.training:
             return self.bn(self.c(x))
+        weight, bias = self.fused()
+        conv = self.c
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode (weight, bias) of the conv with the BatchNorm folded in."""
         bn, conv = self.bn, self.c
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        weight = conv.weight * scale[:, None, None, None]
-        bias = bn.bias - bn.running_mean * scale
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+        return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
 
 class MBConv(nn.Module):
@@ -109,10 +113,15 @@ class WindowAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.heads, 3 * self.key_dim).transpose(1, 2)
         q, k, v = qkv.split(self.key_dim, dim=-1)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        # Plain matmuls: for 49- and 196-token windows they beat CPU SDPA with a float mask.
-        attn = torch.matmul(q * self.key_dim**-0.5, k.transpose(-2, -1)) + bias
-        out = torch.matmul(attn.softmax(-1), v)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, n, n)
+        q = q * self.key_dim**-0.5
+        # One baddbmm per head adds the bias inside the matmul (no extra pass over the scores);
+        # on CPU this beats both matmul + add and SDPA with a float mask for 49/196-token
+        # windows, with identical results.
+        out = torch.empty_like(q)
+        for h in range(self.heads):
+            attn = torch.baddbmm(bias[h], q[:, h], k[:, h].transpose(-2, -1))
+            out[:, h] = torch.bmm(attn.softmax(-1), v[:, h])
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
