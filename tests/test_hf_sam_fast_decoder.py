@@ -103,3 +103,21 @@ def test_cached_image_side_is_reused_and_invalidated():
             assert not torch.allclose(a, b)
     finally:
         fast.image_side = real
+
+
+def test_bf16_encoder_option_close_to_fp32_and_keyed_separately():
+    from napari_medseg.engine.networks.hf_sam import HFSAMSegmenter
+
+    tiny_vit = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 2}
+    opts = {"weights": "none", "input_size": 64, "vit_overrides": tiny_vit, "seed": 0}
+    fp32 = HFSAMSegmenter(device="cpu", **opts)
+    bf16 = HFSAMSegmenter(device="cpu", encoder_precision="bf16", **opts)
+    x = fp32.module.preprocess(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        a, _ = fp32.module.encode(x)
+        b, _ = bf16.module.encode(x)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert 0 < float((a - b).norm() / a.norm()) < 0.1  # really ran in bf16, and stayed close
+    assert fp32.prompt_cache_key() != bf16.prompt_cache_key()
+    with pytest.raises(ValueError, match="encoder_precision"):
+        HFSAMSegmenter(device="cpu", encoder_precision="fp8", **opts)

@@ -226,9 +226,25 @@ class Segmenter:
         """Per-network defaults for :class:`TrainOptions` (overridden by the caller's options)."""
         return {}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimiser updates (default: all that require grad)."""
+    def trainable_parameters(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """Parameters the optimiser updates (default: all that require grad).
+
+        A network may instead return torch parameter groups; a group's ``lr_scale`` multiplies
+        the scheduled learning rate (e.g. a smaller rate for pretrained weights).
+        """
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def extra_validation(self, val: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """Network-specific validation metrics beside ``val_dice`` (default: none).
+
+        Args:
+            val: Validation pairs: (C, Y, X) float image in [0, 1], (Y, X) int labels.
+        """
+        return {}
+
+    def selection_score(self, metrics: dict[str, float]) -> float | None:
+        """The validation figure that decides which weights are kept (higher is better)."""
+        return metrics.get("val_dice")
 
     def make_train_data(self, images: Any, labels: Any, unlabeled: Any, options: Any) -> Any:
         """Build the training data object (default: 2-D slices, see engine/train/data.py)."""

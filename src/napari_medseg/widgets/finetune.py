@@ -367,7 +367,10 @@ class FinetuneWidget(QWidget):
         eta = time.strftime("%M:%S", time.gmtime(max(0.0, p.eta))) if p.eta < 360000 else "?"
         self.progress.setFormat(f"step %v / %m — ETA {eta}")
         text = f"step {p.step}/{p.total} · loss {p.loss:.4f}"
-        if dice is not None:
+        box = p.metrics.get("val_box_dice")
+        if dice is not None and box is not None:  # HF-SAM: both modes are validated
+            text += f" · val Dice {dice:.3f}, box {box:.3f} (best mean {p.best:.3f})"
+        elif dice is not None:
             text += f" · val Dice {dice:.3f} (best {p.best:.3f})"
         self.status.setText(text + (f"\n{p.message}" if p.message else ""))
 

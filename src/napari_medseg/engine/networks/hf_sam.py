@@ -89,8 +89,10 @@ class HFSAMSegmenter(Segmenter):
             "lora_targets": ["q", "v"],
             "lora_alpha": 0.0,  # 0: alpha = rank (scaling 1, as in SAMed/HF-SAM)
             "train_decoder": True,
+            "decoder_lr_scale": 0.1,  # learning-rate factor of SAM's pretrained decoder weights
             "prompt_loss_weight": 1.0,
             "prompt_box_prob": 0.7,
+            "encoder_precision": "fp32",  # fp32 | bf16 (faster embeddings on bf16 CPUs/GPUs)
             "roi_zoom": "auto",  # auto | always | off
             "roi_threshold": 0.15,
             "roi_context": 3.0,
@@ -130,6 +132,10 @@ class HFSAMSegmenter(Segmenter):
             pixel_norm=norm,
             vit_overrides=dict(cfg["vit_overrides"]) or None,
         )
+        precision = str(cfg["encoder_precision"])
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"encoder_precision must be 'fp32' or 'bf16', got {precision!r}")
+        module.encoder_precision = precision
         self.base_name, self.base_sha256 = self._load_base(module)
         # The class tokens start from SAM's (now loaded) first mask token.
         module.hf.reset_classes(len(self.class_names), module.mask_decoder)
@@ -194,6 +200,8 @@ class HFSAMSegmenter(Segmenter):
             str(self.input_size),
             self.module.pixel_norm,
         ]
+        if self.module.encoder_precision != "fp32":
+            parts.append(self.module.encoder_precision)
         lora = lora_state(self.module.image_encoder)
         if lora:
             h = hashlib.sha256()
@@ -286,6 +294,38 @@ class HFSAMSegmenter(Segmenter):
         if "lora_" in name or name.startswith("hf."):
             return True
         return bool(self.config["train_decoder"]) and name.startswith("mask_decoder.")
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Two parameter groups for the optimiser.
+
+        New weights (LoRA, fusion, class tokens) train at the full learning rate, SAM's
+        pretrained mask decoder at ``decoder_lr_scale`` times it, so a few painted slices adapt
+        it without erasing what makes zero-shot prompting work.
+        """
+        new, pretrained = [], []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                (pretrained if name.startswith("mask_decoder.") else new).append(p)
+        return [
+            {"params": new, "lr_scale": 1.0},
+            {"params": pretrained, "lr_scale": float(self.config["decoder_lr_scale"])},
+        ]
+
+    def extra_validation(self, val: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """``val_box_dice``: Dice of a box prompt around every painted class of the validation slices."""
+        from napari_medseg.engine.networks.hf_sam_train import validation_box_dice
+
+        if float(self.config["prompt_loss_weight"]) <= 0:
+            return {}
+        return {"val_box_dice": validation_box_dice(self, val)}
+
+    def selection_score(self, metrics: dict[str, float]) -> float | None:
+        """Mean of prompt-free and box-prompted validation Dice: both modes must hold up."""
+        if "val_dice" not in metrics:
+            return None
+        if "val_box_dice" not in metrics:
+            return metrics["val_dice"]
+        return 0.5 * (metrics["val_dice"] + metrics["val_box_dice"])
 
     def training_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor]

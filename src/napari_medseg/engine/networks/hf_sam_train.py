@@ -129,3 +129,31 @@ def hfsam_loss(
             loss = loss + weight * prompted
             terms["prompted"] = float(prompted.detach())
     return loss, terms
+
+
+def validation_box_dice(seg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean Dice of one box prompt per painted class on the validation slices.
+
+    Args:
+        seg: The HF-SAM segmenter (its current weights, LoRA included).
+        val: (C, Y, X) float images in [0, 1] and (Y, X) int labels at the working size.
+
+    Returns:
+        Mean Dice over (slice, class) pairs; NaN when no class is painted.
+    """
+    from napari_medseg.engine.metrics import dice
+    from napari_medseg.engine.networks import hf_sam_prompt as hp
+    from napari_medseg.engine.prompt import Prompts, mask_box
+
+    module = seg.module
+    module.eval()
+    scores = []
+    with torch.inference_mode():
+        for image, label in val:
+            emb = hp.encode_frame(module, image, None, seg.input_size, seg.device)
+            for k in np.unique(label[label > 0]):
+                target = label == k
+                prompts = Prompts.make(box=mask_box(target))
+                result = hp.decode_prompt_set(module, emb, prompts, target.shape, None, seg.input_size)
+                scores.append(dice(result.mask, target))
+    return float(np.mean(scores)) if scores else float("nan")

@@ -225,7 +225,7 @@ class SliceData:
                     logits = batched_fit_logits(x, seg.logits, seg.input_size)
                 pred = logits.argmax(1)[0].cpu().numpy()
                 scores.append(mean_foreground_dice(pred, label, self.num_classes))
-        return {"val_dice": float(np.mean(scores))}
+        return {"val_dice": float(np.mean(scores))} | seg.extra_validation(self.val)
 
     def summary(self) -> dict[str, Any]:
         """Counts for the checkpoint's provenance."""

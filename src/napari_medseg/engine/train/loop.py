@@ -106,15 +106,19 @@ def finetune(
     val_every = opts.val_every or max(1, total // 10)
     start = _maybe_resume(seg, opts)
 
-    params = seg.trainable_parameters()
+    groups = seg.trainable_parameters()
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": list(groups)}]
+    groups = [g for g in groups if g["params"]]  # type: ignore[index]
+    params = [p for g in groups for p in g["params"]]  # type: ignore[index]
     if not params:
         raise RuntimeError(f"{seg.card.name}: no trainable parameters")
     if opts.optimizer == "sgd":
         optim: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay
+            groups, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay
         )
     else:
-        optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        optim = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
     use_amp = opts.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     wrapped = ctx.wrap(_LossModule(seg), device)
@@ -127,7 +131,8 @@ def finetune(
         for step in range(start, total):
             seg.module.train()
             for group in optim.param_groups:
-                group["lr"] = opts.lr * lr_factor(step, total, opts.schedule, opts.warmup)
+                scale = group.get("lr_scale", 1.0)
+                group["lr"] = scale * opts.lr * lr_factor(step, total, opts.schedule, opts.warmup)
             batch = {k: v.to(device) for k, v in data.sample_batch(rng, opts.batch_size).items()}
             try:
                 with torch.autocast("cuda", enabled=use_amp):
@@ -157,7 +162,8 @@ def finetune(
             if (step + 1) % val_every == 0 or last:
                 ctx.broadcast_state(seg.module)
                 metrics = {k: ctx.mean(v) for k, v in data.validate(seg).items()}
-                score = metrics.get("val_dice", -loss.item())
+                score = seg.selection_score(metrics)
+                score = -loss.item() if score is None else score
                 if score > best:
                     best, best_state = score, _snapshot(seg)
                     seg.provenance = _provenance(seg, data, opts, step + 1, best)

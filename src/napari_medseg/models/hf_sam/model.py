@@ -67,6 +67,7 @@ class HFSAM(nn.Module):
         # Inference through fast_decoder (same weights, float-rounding differences only);
         # False runs SAM's own decoder modules, e.g. to compare with the base model bit-closely.
         self.fast_decode = True
+        self.encoder_precision = "fp32"  # "fp32" | "bf16" (inference only): see encode
         if pixel_norm not in ("unit", "sam"):
             raise ValueError(f"pixel_norm must be 'unit' or 'sam', got {pixel_norm!r}")
         self.backbone = backbone
@@ -117,7 +118,16 @@ class HFSAM(nn.Module):
         return x
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed (B, 3, S, S) → (embedding (B, 256, h, w), early (B, C_early, h, w))."""
+        """Preprocessed (B, 3, S, S) → (embedding (B, 256, h, w), early (B, C_early, h, w)).
+
+        With ``encoder_precision = "bf16"`` and no autograd the encoder runs under bfloat16
+        autocast (faster on CPUs with native bf16 and on GPUs; the embedding differs from the
+        float32 one by a few per cent); the outputs are always float32.
+        """
+        if self.encoder_precision == "bf16" and not torch.is_grad_enabled():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                emb, early = self.image_encoder.forward_features(x)
+            return emb.float(), early.float()
         return self.image_encoder.forward_features(x)
 
     def dense_pe(self) -> torch.Tensor:
