@@ -7,7 +7,8 @@ targets, and (optionally) a few-shot curve.
 2. Small targets: box-prompt Dice with the automatic zoom-in ROI and without it, on the cases
    of ../shared/data (``MEDSEG_DATA``) whose foreground covers less than ``--small-pct`` % of
    the image (small polyps, breast lesions).
-3. ``--fewshot``: k = 1, 3, 5 labeled images of Kvasir / BUSI / PH2 → fine-tune, then Dice of the
+3. ``--precision``: the encoder in float32 and under bfloat16 autocast (time, box Dice).
+4. ``--fewshot``: k = 1, 3, 5 labeled images of Kvasir / BUSI / PH2 → fine-tune, then Dice of the
    prompt-free output and of box prompts on held-out images, against zero-shot box Dice.
 
     .venv/bin/python benchmarks/bench_hf_sam.py [--quick] [--fewshot]
@@ -133,6 +134,50 @@ def speed(seg, repeat: int) -> list[dict]:
     rows.append(
         {"work": "Dice(hf-sam mask, SamPredictor mask), same box", "hf-sam (s)": dice(ours_mask, ref_mask)}
     )
+    return rows
+
+
+def precision(repeat: int, per_dataset: int) -> list[dict]:
+    """Encoder in float32 vs bfloat16 autocast: embedding time and box-prompt Dice.
+
+    Dice against the ground truth of the first ``per_dataset`` cases (by name) of Kvasir-SEG and
+    BUSI, plus the agreement between the two precisions' masks.
+    """
+    fp32 = nms.load_model("hf-sam", device="cpu")
+    bf16 = nms.load_model("hf-sam", device="cpu", encoder_precision="bf16")
+    img = np.random.default_rng(0).random((3, 256, 256)).astype(np.float32)
+    rows = []
+    with torch.inference_mode():
+        t32 = timeit(lambda: fp32.encode_slice(img, None), repeat)
+        t16 = timeit(lambda: bf16.encode_slice(img, None), repeat)
+    rows.append(
+        {
+            "work": "image embedding, 256² slice (s)",
+            "fp32": t32["median_s"],
+            "bf16": t16["median_s"],
+            "ratio": t32["median_s"] / t16["median_s"],
+        }
+    )
+    for ds in ("kvasir_seg", "busi"):
+        if not (DATA / ds).is_dir():
+            continue
+        d32, d16, agree = [], [], []
+        for c in cases(ds)[:per_dataset]:
+            im, m = load_pair(ds, c["stem"])
+            a = fp32.prompt(im).predict(box=mask_box(m))
+            b = bf16.prompt(im).predict(box=mask_box(m))
+            d32.append(dice(a, m))
+            d16.append(dice(b, m))
+            agree.append(dice(a, b))
+        rows.append(
+            {
+                "work": f"box Dice on {ds} ({len(d32)} images)",
+                "fp32": statistics.mean(d32),
+                "bf16": statistics.mean(d16),
+                "ratio": "",
+                "Dice(fp32 mask, bf16 mask)": statistics.mean(agree),
+            }
+        )
     return rows
 
 
@@ -275,6 +320,7 @@ def main() -> None:
     ap.add_argument("--fewshot-ks", default="", help="comma-separated k values (default 1,3 quick / 1,3,5)")
     ap.add_argument("--fewshot-steps", type=int, default=0, help="0: 20 with --quick, else 100")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--precision", action="store_true", help="also compare the fp32 and bf16 encoder")
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="bench_hf_sam", help="results/<name>.json")
@@ -294,6 +340,12 @@ def main() -> None:
         cols += ["SamPredictor min (s)", "hf-sam CPU (s)", "SamPredictor CPU (s)"]
         print(table(rows, cols))
         out["speed"] = rows
+
+    if args.precision:
+        rows_p = precision(3 if args.quick else 7, 5 if args.quick else 20)
+        print("\n## Encoder precision (CPU)\n")
+        print(table(rows_p, ["work", "fp32", "bf16", "ratio", "Dice(fp32 mask, bf16 mask)"]))
+        out["precision"] = rows_p
 
     if not args.skip_small:
         nod = nodules(seg, [4, 8, 14, 24], 2 if args.quick else 6)

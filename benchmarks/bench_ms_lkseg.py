@@ -71,6 +71,34 @@ def time_forward(module: torch.nn.Module, channels: int, size: int = 256, repeat
     return statistics.median(times)
 
 
+def time_skips(module: torch.nn.Module, channels: int, size: int = 256, repeats: int = 5) -> float:
+    """Median CPU time of the LD skip blocks alone (``module.skips``) for one 256² input.
+
+    The skips' inputs are recorded with hooks during one forward, then the blocks are timed on
+    tensors of those shapes, so the figure isolates what ``fuse()`` changes.
+    """
+    shapes: list[torch.Size] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a: shapes.append(a[0].shape)) for m in module.skips]
+    with torch.inference_mode():
+        module(torch.rand(1, channels, size, size))
+    for h in hooks:
+        h.remove()
+    inputs = [torch.rand(s) for s in shapes]
+
+    def run() -> None:
+        for blk, x in zip(module.skips, inputs):
+            blk(x)
+
+    times = []
+    with torch.inference_mode():
+        run()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def run_network(
     name: str, options: dict[str, Any], train: list, test: list, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -119,13 +147,15 @@ def static_figures(name: str, options: dict[str, Any], repeats: int) -> dict[str
         res["params_fused"] = sum(p.numel() for p in fused.parameters())
         res["gflops_256_fused"] = round(count_flops(fused, ch) / 1e9, 3)
         res["cpu_s_256_fused"] = round(time_forward(fused, ch, repeats=repeats), 3)
+        res["ld_skips_s_256"] = round(time_skips(module, ch, repeats=repeats), 4)
+        res["ld_skips_s_256_fused"] = round(time_skips(fused, ch, repeats=repeats), 4)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="128² input, 8/5 cases, 30 steps")
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument("--datasets", nargs="*", default=list(DATASETS), help="none: static figures only")
     ap.add_argument("--train", type=int, default=None)
     ap.add_argument("--test", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -183,11 +213,12 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print()
-    print("| network | params | GFLOPs 256² | CPU s/256² (unfused / fused) |")
-    print("|---|---|---|---|")
+    print("| network | params | GFLOPs 256² | CPU s/256² (unfused / fused) | LD skips s (unfused / fused) |")
+    print("|---|---|---|---|---|")
     for name, s in results["static"].items():
         fused = f" / {s['cpu_s_256_fused']}" if "cpu_s_256_fused" in s else ""
-        print(f"| {name} | {s['params'] / 1e6:.2f} M | {s['gflops_256']} | {s['cpu_s_256']}{fused} |")
+        ld = f"{s['ld_skips_s_256']} / {s['ld_skips_s_256_fused']}" if "ld_skips_s_256" in s else ""
+        print(f"| {name} | {s['params'] / 1e6:.2f} M | {s['gflops_256']} | {s['cpu_s_256']}{fused} | {ld} |")
     print()
     print("| dataset | network | held-back Dice (mean ± sd) | train s/epoch | steps |")
     print("|---|---|---|---|---|")

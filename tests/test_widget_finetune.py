@@ -21,6 +21,7 @@ pytestmark = pytest.mark.gui
 napari = pytest.importorskip("napari")
 
 from napari.layers import Labels  # noqa: E402
+from qtpy.QtCore import Qt  # noqa: E402
 
 from napari_medseg.engine import registry  # noqa: E402
 from napari_medseg.engine.api import load_model  # noqa: E402
@@ -235,3 +236,46 @@ def test_sts_net_short_finetune_end_to_end(make_napari_viewer, qtbot, tmp_path):
     assert seg_widget.blocking_reason() == ""
     restored = load_model(tmp_path / "sts.safetensors", device="cpu")
     assert restored.card.name == "sts-net" and restored.trained
+
+
+def test_more_labeled_pairs_reach_the_engine_with_their_spacing(
+    make_napari_viewer, qtbot, toy_3d, monkeypatch
+):
+    """EFS-style use: two labeled atlases and an unlabeled volume, each with its own spacing."""
+    viewer = make_napari_viewer()
+    a_img, a_lab = painted_volume(3)
+    b_img, b_lab = painted_volume(4)
+    viewer.add_image(a_img, name="atlas A", scale=(2.0, 0.5, 0.5))
+    viewer.add_labels(a_lab, name="atlas A labels", scale=(2.0, 0.5, 0.5))
+    viewer.add_image(b_img, name="atlas B", scale=(3.0, 0.7, 0.7))
+    viewer.add_labels(b_lab, name="atlas B labels", scale=(3.0, 0.7, 0.7))
+    viewer.add_image(b_img[:, :, ::-1].copy(), name="unlabeled C", scale=(1.5, 0.6, 0.6))
+    seen = {}
+
+    def record(self, images, labels, unlabeled=None, **options):
+        seen.update(images=images, labels=labels, unlabeled=unlabeled, extra=options["extra"])
+        yield from ()
+
+    monkeypatch.setattr(toy_3d, "finetune", record)
+    w = FinetuneWidget(viewer)
+    qtbot.addWidget(w)
+    w.network.setCurrentText("toy-3d")
+    w.image.set_layer("atlas A")
+    w.labels.set_layer("atlas A labels")
+    # The other Labels layer is offered with the image of its shape; the main one is not.
+    entries = [w.more.item(i).text() for i in range(w.more.count())]
+    assert entries == ["atlas B labels  ←  atlas B"]
+    w.more.item(0).setCheckState(Qt.CheckState.Checked)
+    for i in range(w.unlabeled.count()):
+        if w.unlabeled.item(i).text() == "unlabeled C":
+            w.unlabeled.item(i).setCheckState(Qt.CheckState.Checked)
+    assert w.extra_pair_names() == [("atlas B", "atlas B labels")]
+    w.start()
+    wait_idle(qtbot, w)
+    assert len(seen["images"]) == 2 and seen["images"][1].shape == b_img.shape
+    np.testing.assert_array_equal(seen["labels"][1], b_lab)
+    assert seen["extra"]["spacing"] == [[2.0, 0.5, 0.5], [3.0, 0.7, 0.7]]
+    assert seen["extra"]["unlabeled_spacing"] == [[1.5, 0.6, 0.6]] and len(seen["unlabeled"]) == 1
+    # A ticked pair with nothing painted is refused with its name.
+    viewer.layers["atlas B labels"].data = np.zeros_like(b_lab)
+    assert w.start() is None and "nothing is painted in 'atlas B labels'" in w.status.text()

@@ -8,7 +8,6 @@ and its checkpoint is on disk.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -20,7 +19,6 @@ import napari
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -30,7 +28,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QListWidgetItem,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -40,8 +37,8 @@ from qtpy.QtWidgets import (
 
 from napari_medseg.engine.device import available_devices
 from napari_medseg.engine.progress import Progress
-from napari_medseg.engine.registry import model_card, segmenter_class
-from napari_medseg.engine.train.options import TrainOptions, TrainProgress
+from napari_medseg.engine.registry import model_card
+from napari_medseg.engine.train.options import TrainProgress, network_train_defaults
 from napari_medseg.widgets._layers import (
     LayerCombo,
     LayerError,
@@ -52,6 +49,7 @@ from napari_medseg.widgets._layers import (
     output_name,
     spatial_shape,
 )
+from napari_medseg.widgets._pairs import checkable, extra_pairs, pair_text, ticked
 from napari_medseg.widgets._plot import LossPlot
 from napari_medseg.widgets._worker import EngineJob
 from napari_medseg.widgets.segment import available_networks
@@ -60,30 +58,6 @@ from napari_medseg.widgets.session import SessionModel, default_checkpoint_dir, 
 log = logging.getLogger(__name__)
 
 AUGMENT = ("none", "light", "default", "strong")
-DEFAULT_STEPS = 200
-
-
-def network_train_defaults(name: str) -> TrainOptions:
-    """Return a network's training defaults as a full :class:`TrainOptions` (steps filled in).
-
-    ``train_defaults`` is an instance method; a bare instance with only the default config is
-    enough for it and avoids building (and loading the weights of) the network on the UI
-    thread. If a network's hook needs more, a real CPU instance is built instead.
-    """
-    cls = segmenter_class(name)
-    try:
-        probe = cls.__new__(cls)
-        probe.config = cls.default_config()
-        probe.class_names = ["background", "foreground"]
-        defaults = dict(probe.train_defaults())
-    except Exception:  # the hook needs a built module
-        defaults = dict(cls(device="cpu").train_defaults())
-    base = TrainOptions()
-    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"extra"}
-    values = {k: v for k, v in defaults.items() if k in fields}
-    if not values.get("steps"):
-        values["steps"] = DEFAULT_STEPS
-    return dataclasses.replace(base, **values)
 
 
 class FinetuneWidget(QWidget):
@@ -118,6 +92,12 @@ class FinetuneWidget(QWidget):
         self.unlabeled.setMaximumHeight(80)
         self.unlabeled.setToolTip("Volumes without labels that the network learns from as well")
         self.unlabeled_label = QLabel("Unlabeled")
+        self.more = QListWidget()
+        self.more.setMaximumHeight(80)
+        self.more.setToolTip(
+            "Other painted Labels layers (each with the Image layer it belongs to) to train on as "
+            "well, e.g. EFS-MedSeg's second atlas or a second painted image"
+        )
         self.steps = QSpinBox(minimum=1, maximum=1_000_000)
         self.lr = QDoubleSpinBox(decimals=6, minimum=1e-6, maximum=10.0, singleStep=1e-4)
         self.batch_size = QSpinBox(minimum=1, maximum=1024)
@@ -141,6 +121,7 @@ class FinetuneWidget(QWidget):
             ("Network", self.network),
             ("Image", self.image),
             ("Labels", self.labels),
+            ("More labeled", self.more),
             (self.unlabeled_label, self.unlabeled),
             ("Steps", self.steps),
             ("Learning rate", self.lr),
@@ -177,6 +158,7 @@ class FinetuneWidget(QWidget):
         layout.addStretch(1)
 
         self.network.currentTextChanged.connect(self._network_changed)
+        self.labels.currentIndexChanged.connect(self._refresh_unlabeled)
         self.save_as.clicked.connect(self._choose_path)
         self.start_button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
@@ -205,21 +187,26 @@ class FinetuneWidget(QWidget):
         self._refresh_unlabeled()
 
     def _refresh_unlabeled(self, *_: Any) -> None:
+        """Rebuild the two checklists (unlabeled images, extra pairs), keeping the ticks."""
         checked = set(self.unlabeled_names())
         self.unlabeled.clear()
         for layer in self.viewer.layers:
             if isinstance(layer, Image):
-                item = QListWidgetItem(layer.name)
-                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                item.setCheckState(
-                    Qt.CheckState.Checked if layer.name in checked else Qt.CheckState.Unchecked
-                )
-                self.unlabeled.addItem(item)
+                self.unlabeled.addItem(checkable(layer.name, layer.name, layer.name in checked))
+        ticked = set(self.extra_pair_names())
+        self.more.clear()
+        main = self.labels.layer()
+        for image, labels in extra_pairs(self.viewer, main if isinstance(main, Labels) else None):
+            key = (image.name, labels.name)
+            self.more.addItem(checkable(pair_text(image, labels), key, key in ticked))
 
     def unlabeled_names(self) -> list[str]:
         """Names of the Image layers ticked as unlabeled data."""
-        items = (self.unlabeled.item(i) for i in range(self.unlabeled.count()))
-        return [it.text() for it in items if it.checkState() == Qt.CheckState.Checked]
+        return [str(k) for k in ticked(self.unlabeled)]
+
+    def extra_pair_names(self) -> list[tuple[str, str]]:
+        """(image, labels) layer names of the ticked extra training pairs."""
+        return [tuple(k) for k in ticked(self.more)]  # type: ignore[misc]
 
     def _choose_path(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
@@ -245,8 +232,15 @@ class FinetuneWidget(QWidget):
         }
 
     # ----------------------------------------------------------------- checks
-    def _inputs(self) -> tuple[Image, np.ndarray, int | None, Labels, np.ndarray, list[np.ndarray]]:
-        """Validate the chosen layers; raise LayerError with the reason."""
+    def _inputs(
+        self,
+    ) -> tuple[Image, list[Image], list[np.ndarray], int | None, Labels, list[np.ndarray], list]:
+        """Validate the chosen layers; raise LayerError with the reason.
+
+        Returns:
+            (main image layer, all labeled image layers, their arrays, channel axis, main labels
+            layer, painted label copies, unlabeled image layers).
+        """
         name = self.network.currentText()
         if not name:
             raise LayerError("no trainable network is installed")
@@ -271,9 +265,22 @@ class FinetuneWidget(QWidget):
                 "on at least one slice (0 is background)"
             )
         data, channel_axis = image_array(image)
+        layers, arrays, paints = [image], [data], [painted]
+        for image_name, labels_name in self.extra_pair_names():
+            other, other_labels = self.viewer.layers[image_name], self.viewer.layers[labels_name]
+            other_data, axis = image_array(check_image_layer(other, "train on"))
+            if axis != channel_axis or (card.spatial_dims == 3 and other_data.ndim != 3):
+                raise LayerError(f"'{other.name}' does not match '{image.name}' (RGB / 2-D / 3-D): untick it")
+            other_paint = np.array(other_labels.data, copy=True)
+            if not other_paint.any():
+                raise LayerError(f"nothing is painted in '{other_labels.name}': paint it or untick it")
+            layers.append(other)
+            arrays.append(other_data)
+            paints.append(other_paint)
         names = self.unlabeled_names() if self.uses_unlabeled else []
-        extra = [image_array(self.viewer.layers[n])[0] for n in names if n != image.name]
-        return image, data, channel_axis, labels, painted, extra
+        used = {layer.name for layer in layers}
+        unlabeled = [self.viewer.layers[n] for n in names if n not in used]
+        return image, layers, arrays, channel_axis, labels, paints, unlabeled
 
     def _checkpoint_path(self, network: str, image_name: str) -> Path:
         text = self.checkpoint.text().strip()
@@ -292,7 +299,7 @@ class FinetuneWidget(QWidget):
             self._say("training is already running", warn=True)
             return None
         try:
-            image, data, channel_axis, labels, painted, unlabeled = self._inputs()
+            image, layers, data, channel_axis, labels, painted, unlabeled_layers = self._inputs()
             network = self.network.currentText()
             path = self._checkpoint_path(network, image.name)
         except (LayerError, OSError) as err:
@@ -301,8 +308,10 @@ class FinetuneWidget(QWidget):
         opts = self.options()
         device = opts["device"]
         extra: dict[str, Any] = {"channel_axis": channel_axis}
-        if model_card(network).spatial_dims == 3:
-            extra["spacing"] = [float(v) for v in image.scale[-3:]]  # 3-D networks resample by it
+        unlabeled = [image_array(layer)[0] for layer in unlabeled_layers]
+        if model_card(network).spatial_dims == 3:  # 3-D networks resample by the voxel spacing
+            extra["spacing"] = [[float(v) for v in layer.scale[-3:]] for layer in layers]
+            extra["unlabeled_spacing"] = [[float(v) for v in layer.scale[-3:]] for layer in unlabeled_layers]
         names = label_class_names(labels)
         if names:
             extra["class_names"] = names
@@ -315,8 +324,8 @@ class FinetuneWidget(QWidget):
             seg = load_model(network, device=device)
             state["seg"] = seg
             yield from seg.finetune(
-                data,
-                painted,
+                data if len(data) > 1 else data[0],
+                painted if len(painted) > 1 else painted[0],
                 unlabeled=unlabeled or None,
                 checkpoint=str(path),
                 extra=extra,

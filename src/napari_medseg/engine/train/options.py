@@ -132,3 +132,32 @@ class TrainProgress:
     eta: float
     message: str = ""
     done: bool = False
+
+
+DEFAULT_STEPS = 200  # when a network's defaults name no step count
+
+
+def network_train_defaults(name: str) -> TrainOptions:
+    """Return a network's training defaults as a full :class:`TrainOptions` (steps filled in).
+
+    ``train_defaults`` is an instance method; a bare instance with only the default config is
+    enough for it and avoids building (and loading the weights of) the network on the UI
+    thread. If a network's hook needs more, a real CPU instance is built instead.
+    """
+    # Imported here: the registry imports the network modules, which import this module.
+    from napari_medseg.engine.registry import segmenter_class
+
+    cls = segmenter_class(name)
+    try:
+        probe = cls.__new__(cls)
+        probe.config = cls.default_config()
+        probe.class_names = ["background", "foreground"]
+        defaults = dict(probe.train_defaults())
+    except Exception:  # the hook needs a built module
+        defaults = dict(cls(device="cpu").train_defaults())
+    base = TrainOptions()
+    fields = {f.name for f in dataclasses.fields(TrainOptions)} - {"extra"}
+    values = {k: v for k, v in defaults.items() if k in fields}
+    if not values.get("steps"):
+        values["steps"] = DEFAULT_STEPS
+    return dataclasses.replace(base, **values)
