@@ -82,6 +82,9 @@ class EngineJob:
         self._title = title
         self._gen: Generator[Any, None, Any] | None = None
         self._outcome: str | None = None
+        # Set in _finished: the outcome is known earlier (on return), but the job is not over
+        # until its end handler has run and registered its results.
+        self._ended = False
         self.cancel_requested = False
         self.worker: GeneratorWorker = create_worker(self._run, _start_thread=False, _ignore_errors=True)
         self.worker.yielded.connect(self._yielded)
@@ -127,8 +130,8 @@ class EngineJob:
 
     @property
     def running(self) -> bool:
-        """True until the end callback has run."""
-        return self._outcome is None
+        """True until the job has finished and its end callback runs."""
+        return not self._ended
 
     # ----------------------------------------------------------------- main-thread handlers
     def _yielded(self, record: Any) -> None:
@@ -166,5 +169,8 @@ class EngineJob:
             self._outcome = "cancelled" if self.cancel_requested else "done"
         if self._outcome == "cancelled":
             show_info(f"{self._title}: cancelled")
+        # Ended before the handler runs (it re-enables buttons by asking ``running``); both
+        # happen in this one main-thread call, so nobody sees an ended job without its results.
+        self._ended = True
         if self._on_end is not None:
             self._on_end(self._outcome)
