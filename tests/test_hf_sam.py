@@ -211,18 +211,26 @@ def test_finetune_save_load_roundtrip(tmp_path):
     seg = tiny("sam_vit_b", lora_rank=2)
     img, mask = disc_image()
     labels = mask.astype(np.int64)
-    for _ in seg.finetune(
-        [img, img[::-1].copy()],
-        [labels, labels[::-1].copy()],
-        steps=1,
-        val_every=1,
-        batch_size=2,
-        augment="none",
-        lr=1e-2,
-        warmup=0,
-    ):
-        pass
+    records = list(
+        seg.finetune(
+            [img, img[::-1].copy()],
+            [labels, labels[::-1].copy()],
+            steps=1,
+            val_every=1,
+            batch_size=2,
+            augment="none",
+            lr=1e-2,
+            warmup=0,
+        )
+    )
     assert seg.trained and seg.lora_active
+    # Both modes are validated, and the kept weights are scored on their mean.
+    m = records[-1].metrics
+    assert 0 <= m["val_box_dice"] <= 1
+    assert records[-1].best == pytest.approx(0.5 * (m["val_dice"] + m["val_box_dice"]))
+    groups = seg.trainable_parameters()
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.1]
+    assert all(p.requires_grad for g in groups for p in g["params"])
     assert seg.module.hf.fusion_post.gate.abs().item() > 0  # the gate opened
     tensors = seg.checkpoint_tensors()
     assert any("lora_" in k for k in tensors)

@@ -323,9 +323,10 @@ class HFSAMSegmenter(Segmenter):
         """Mean of prompt-free and box-prompted validation Dice: both modes must hold up."""
         if "val_dice" not in metrics:
             return None
-        if "val_box_dice" not in metrics:
+        box = metrics.get("val_box_dice")
+        if box is None or box != box:  # missing or NaN (nothing to prompt for)
             return metrics["val_dice"]
-        return 0.5 * (metrics["val_dice"] + metrics["val_box_dice"])
+        return 0.5 * (metrics["val_dice"] + box)
 
     def training_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
