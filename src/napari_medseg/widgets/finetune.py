@@ -95,8 +95,7 @@ class FinetuneWidget(QWidget):
         self.more = QListWidget()
         self.more.setMaximumHeight(80)
         self.more.setToolTip(
-            "Other painted Labels layers (each with the Image layer it belongs to) to train on as "
-            "well, e.g. EFS-MedSeg's second atlas or a second painted image"
+            "Other painted Labels layers (with their images) to train on too, e.g. a 2nd atlas"
         )
         self.steps = QSpinBox(minimum=1, maximum=1_000_000)
         self.lr = QDoubleSpinBox(decimals=6, minimum=1e-6, maximum=10.0, singleStep=1e-4)
@@ -235,11 +234,9 @@ class FinetuneWidget(QWidget):
     def _inputs(
         self,
     ) -> tuple[Image, list[Image], list[np.ndarray], int | None, Labels, list[np.ndarray], list]:
-        """Validate the chosen layers; raise LayerError with the reason.
+        """Validated layers and copies of their data; raises LayerError with the reason.
 
-        Returns:
-            (main image layer, all labeled image layers, their arrays, channel axis, main labels
-            layer, painted label copies, unlabeled image layers).
+        Returns (main image, labeled images, arrays, channel axis, labels, paints, unlabeled).
         """
         name = self.network.currentText()
         if not name:
