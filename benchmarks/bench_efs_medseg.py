@@ -136,7 +136,7 @@ def main() -> None:
         ds, variant = args.child.split(":")
         print("RESULT " + json.dumps(run_one(ds, variant, args.steps, args.quick, args.scale)), flush=True)
         return
-    steps = args.steps or (40 if args.quick else 250)
+    steps = args.steps or (40 if args.quick else 1500)
     variants = args.variants.split(",") if args.variants else (["full"] if args.quick else list(VARIANTS))
     rows = []
     for ds in args.datasets.split(","):

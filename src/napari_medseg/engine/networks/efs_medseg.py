@@ -230,7 +230,7 @@ class EfsMedSeg(Segmenter):
     def train_defaults(self) -> dict[str, Any]:
         gpu = self.config.get("widths") == SCALES["gpu"]["widths"]
         return {
-            "steps": 4000 if gpu else 250,
+            "steps": 4000 if gpu else 1500,  # cpu: ~20 min on one core (docs/models/efs-medseg.md)
             "lr": 2e-3,
             "schedule": "cosine",
             "warmup": 20,
