@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
+from napari_medseg.models.s3_ops import depthwise_conv2d, pointwise_conv2d
+
 MODES = ("paper", "released")
 DEFORM_IMPLS = ("auto", "torchvision", "sampling")
 
@@ -85,8 +87,8 @@ class InceptionLKA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, C, H, W)."""
-        a = self.conv0(x)
-        attn = self.fuse(torch.cat([b(a) for b in self.branches], dim=1))
+        a = depthwise_conv2d(self.conv0, x)
+        attn = pointwise_conv2d(self.fuse, torch.cat([depthwise_conv2d(b, a) for b in self.branches], dim=1))
         return x * attn
 
 
@@ -106,7 +108,7 @@ class AttentionModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, C, H, W)."""
-        return x + self.proj_out(self.lka(self.act(self.proj_in(x))))
+        return x + pointwise_conv2d(self.proj_out, self.lka(self.act(pointwise_conv2d(self.proj_in, x))))
 
 
 class DeformableConv(nn.Module):
@@ -208,13 +210,15 @@ class S3Net(nn.Module):
             (H, W) plane, as the notebook does inside ``forward``.
         """
         f = self.blocks(self.stem(x))
-        aux = self.aux(f)
+        aux = self.aux[1](pointwise_conv2d(self.aux[0], f))
         if self.mode == "released":
             aux = torch.rot90(aux, 1, dims=(2, 3))
-        r = self.head(self.deform_bn(self.deform(f)))
-        return r, aux
+        return self._head(f), aux
+
+    def _head(self, f: torch.Tensor) -> torch.Tensor:
+        """Deformable conv → BN → 1×1 → BN on the trunk features (B, C, H, W)."""
+        return self.head[1](pointwise_conv2d(self.head[0], self.deform_bn(self.deform(f))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) → (B, C, H, W) response map (cluster logits)."""
-        f = self.blocks(self.stem(x))
-        return self.head(self.deform_bn(self.deform(f)))
+        return self._head(self.blocks(self.stem(x)))
