@@ -11,6 +11,8 @@ Per-image wall time and iterations are reported too.
 Usage:
     python benchmarks/bench_s3_net.py [--quick] [--datasets ph2 busi kvasir_seg]
         [--modes paper released] [--n 20] [--working-size 256] [--threads 2]
+    python benchmarks/bench_s3_net.py --iteration-ab --datasets ph2 --threads 2 \
+        --out benchmarks/results/bench_s3_net_iteration.json   # CPU conv forms vs nn.Conv2d
 
 Data: ``$MEDSEG_DATA`` (default /work/shared/data), read at run time, never copied.
 Writes benchmarks/results/bench_s3_net.json.
@@ -65,6 +67,41 @@ def run_one(mode: str, image: np.ndarray, options: dict) -> tuple[np.ndarray, fl
     return labels, time.perf_counter() - t0, iterations
 
 
+def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> dict[str, float]:
+    """Seconds per ``paper`` iteration with the CPU conv forms (``models/s3_ops.py``) and without.
+
+    Both variants run the same seeded optimisation in this process, alternating twice; the first
+    two iterations of each run are warm-up. Returns the medians (and minima) of the rest.
+    """
+    import napari_medseg.models.s3_net as s3_net_module
+    from napari_medseg.models import s3_ops
+
+    variants = {
+        "cpu forms": (s3_ops.depthwise_conv2d, s3_ops.pointwise_conv2d),
+        "nn.Conv2d": (lambda conv, x: conv(x), lambda conv, x: conv(x)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    try:
+        for _ in range(2):
+            for name, (dw, pw) in variants.items():
+                s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = dw, pw
+                seg = nms.load_model("s3-net", device="cpu", working_size=working_size, min_iter=10**6)
+                prep = seg.prepare(image, -1 if image.ndim == 3 else None)
+                x = seg._working_input(torch.from_numpy(prep.data[0:1]))
+                gen, t0 = seg.optimise(x, 0), time.perf_counter()
+                for i, _ in enumerate(gen):
+                    t1 = time.perf_counter()
+                    if i >= 2:
+                        times[name].append(t1 - t0)
+                    t0 = t1
+                    if i + 1 >= iterations:
+                        break
+    finally:
+        s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = variants["cpu forms"]
+    out = {f"{k} median (s)": statistics.median(v) for k, v in times.items()}
+    return out | {f"{k} min (s)": min(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 PH2 images, paper mode only")
@@ -75,12 +112,24 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument(
+        "--iteration-ab", action="store_true", help="only time paper iterations with/without CPU conv forms"
+    )
     args = ap.parse_args()
     if args.quick:
         args.datasets, args.modes, args.n = ["ph2"], ["paper"], 3
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"working_size": args.working_size, "max_iter": args.max_iter}
+    if args.iteration_ab:
+        stem, image, _ = cases(args.datasets[0], 1)[0]
+        ab = iteration_ab(image, args.working_size)
+        for k, v in ab.items():
+            print(f"{stem} {args.working_size}: {k:<24}{v:.3f}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"threads": torch.get_num_threads(), "case": stem, "load_average": os.getloadavg()}
+        args.out.write_text(json.dumps({"meta": meta, "iteration_ab": ab}, indent=1))
+        return
 
     rows, per_image = [], []
     for dataset in args.datasets:
