@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from napari_medseg.models import s3_ops
-from napari_medseg.models.s3_net import S3Net
+from napari_medseg.models.s3_net import S3Net, deform_conv3x3_sampling
 
 
 def _grads(f, x: torch.Tensor, conv: nn.Module, g: torch.Tensor) -> list[torch.Tensor]:
@@ -77,3 +77,35 @@ def test_whole_network_gradients_match_plain_modules(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(s3_net_module, "pointwise_conv2d", lambda conv, t: conv(t))
     plain = run()
     _close(plain, fast)
+
+
+@pytest.mark.parametrize(
+    "batch,offset_batch,height,scale", [(1, 1, 13, 1.0), (2, 2, 9, 3.0), (2, 1, 17, 0.3), (1, 1, 2, 2.0)]
+)
+def test_banded_deform_conv_matches_sampling(
+    batch: int, offset_batch: int, height: int, scale: float
+) -> None:
+    """Values and all four gradients (input, offsets, masks, weight), any band height.
+
+    Offsets up to a few pixels send taps outside the image and across band borders.
+    """
+    g = torch.Generator().manual_seed(height)
+    shape = (height, 11)
+    x = torch.randn(batch, 4, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    off = (torch.randn(offset_batch, 18, *shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+    mask = torch.rand(offset_batch, 9, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(batch, 6, *shape, generator=g, dtype=torch.float64)
+
+    def run(fn) -> list[torch.Tensor]:
+        for t in (x, off, mask, w):
+            t.grad = None
+        y = fn()
+        y.backward(up)
+        return [y.detach(), *(t.grad.clone() for t in (x, off, mask, w))]
+
+    ref = run(lambda: deform_conv3x3_sampling(x, off, w, mask))
+    for rows in (1, 3, 8):
+        got = run(lambda rows=rows: s3_ops.deform_conv3x3_banded(x, off, w, mask, rows))
+        for a, b in zip(ref, got, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
