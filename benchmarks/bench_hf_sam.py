@@ -294,6 +294,12 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
             took = time.perf_counter() - t0
             free = statistics.mean(dice(seg.segment(im) > 0, m) for im, m in test)
             boxed = statistics.mean(dice(seg.prompt(im).predict(box=mask_box(m)), m) for im, m in test)
+            # Prompts may fall back to the base model (prompt_weights="auto"); also score the
+            # fine-tuned weights' own prompting, for the record.
+            from_base = seg.prompts_use_base
+            seg.config["prompt_weights"] = "finetuned"
+            tuned = statistics.mean(dice(seg.prompt(im).predict(box=mask_box(m)), m) for im, m in test)
+            seg.config["prompt_weights"] = "auto"
             rows.append(
                 {
                     "dataset": ds,
@@ -302,6 +308,8 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
                     "train (s)": took,
                     "prompt-free Dice": free,
                     "box Dice (fine-tuned)": boxed,
+                    "prompts from": "base" if from_base else "fine-tuned",
+                    "box Dice (fine-tuned weights)": tuned,
                     "box Dice (zero-shot)": zero,
                     "test images": len(test),
                 }

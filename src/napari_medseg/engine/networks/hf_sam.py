@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from napari_medseg.engine.checkpoint import Checkpoint, CheckpointError
 from napari_medseg.engine.networks import hf_sam_prompt as hp
+from napari_medseg.engine.networks.hf_sam_base import base_model, frozen_copy, prompts_prefer_base
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import ModelCard, register
@@ -92,6 +94,8 @@ class HFSAMSegmenter(Segmenter):
             "decoder_lr_scale": 0.1,  # learning-rate factor of SAM's pretrained decoder weights
             "prompt_loss_weight": 1.0,
             "prompt_box_prob": 0.7,
+            "prompt_weights": "auto",  # auto | finetuned | base: which weights decode prompts
+            "prompt_margin": 0.01,  # validation box Dice the fine-tuned prompts must gain
             "encoder_precision": "fp32",  # fp32 | bf16 (faster embeddings on bf16 CPUs/GPUs)
             "roi_zoom": "auto",  # auto | always | off
             "roi_threshold": 0.15,
@@ -139,6 +143,8 @@ class HFSAMSegmenter(Segmenter):
         self.base_name, self.base_sha256 = self._load_base(module)
         # The class tokens start from SAM's (now loaded) first mask token.
         module.hf.reset_classes(len(self.class_names), module.mask_decoder)
+        # Prompts fall back to this copy when fine-tuning does not improve them (hf_sam_base).
+        self._base_decoder = frozen_copy(module.mask_decoder)
         for p in module.image_encoder.parameters():
             p.requires_grad_(False)
         for p in module.prompt_encoder.parameters():
@@ -191,6 +197,25 @@ class HFSAMSegmenter(Segmenter):
         return match_channels(x, 3)
 
     # ----------------------------------------------------------------- PromptModel protocol
+    @property
+    def prompts_use_base(self) -> bool:
+        """Whether prompts are decoded by the untouched base model (see hf_sam_base)."""
+        if not self.trained:
+            return False
+        mode = str(self.config["prompt_weights"])
+        if mode == "auto":
+            return bool(self.module.hf.prompt_from_base.item())
+        return prompts_prefer_base(mode, float("nan"), float("nan"), 0.0)
+
+    def prompting(self, base: bool | None = None) -> AbstractContextManager[None]:
+        """Context in which ``self.module`` prompts with the chosen weights.
+
+        Args:
+            base: Force the base (True) or the fine-tuned (False) path; ``None``: the model's choice.
+        """
+        use_base = self.prompts_use_base if base is None else base
+        return base_model(self.module, self._base_decoder) if use_base else nullcontext()
+
     def prompt_cache_key(self) -> str:
         """Backbone, base weights, input size, normalisation and LoRA state (embedding identity)."""
         parts = [
@@ -202,7 +227,7 @@ class HFSAMSegmenter(Segmenter):
         ]
         if self.module.encoder_precision != "fp32":
             parts.append(self.module.encoder_precision)
-        lora = lora_state(self.module.image_encoder)
+        lora = {} if self.prompts_use_base else lora_state(self.module.image_encoder)
         if lora:
             h = hashlib.sha256()
             for k, v in sorted(lora.items()):
@@ -214,7 +239,11 @@ class HFSAMSegmenter(Segmenter):
     def encode_slice(self, image: np.ndarray, roi: tuple[int, int, int, int] | None) -> Embedding:
         """Encode one (C, Y, X) float slice in [0, 1] (or its ROI); see hf_sam_prompt."""
         self.module.eval()
-        return hp.encode_frame(self.module, image, roi, self.input_size, self.device)
+        with self.prompting():
+            emb = hp.encode_frame(self.module, image, roi, self.input_size, self.device)
+        if self.prompts_use_base:
+            emb.pop("early", None)  # the base model has no fusion module
+        return emb
 
     def plan_roi(self, prompts: Prompts, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
         """Zoom-in frame for small prompts (rule in hf_sam_prompt's docstring)."""
@@ -237,7 +266,7 @@ class HFSAMSegmenter(Segmenter):
     ) -> PromptResult:
         """Decode one prompt set into a (Y, X) mask at the slice's resolution."""
         self.module.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self.prompting():
             return hp.decode_prompt_set(self.module, embedding, prompts, tuple(shape), roi, self.input_size)
 
     def decode_boxes(
@@ -245,7 +274,8 @@ class HFSAMSegmenter(Segmenter):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Several (y0, x0, y1, x1) boxes on one whole-slice embedding → ((N, Y, X) masks, (N,) IoU)."""
         self.module.eval()
-        return hp.decode_boxes(self.module, embedding, boxes, tuple(shape), self.input_size)
+        with self.prompting():
+            return hp.decode_boxes(self.module, embedding, boxes, tuple(shape), self.input_size)
 
     def prompt(
         self,
@@ -277,6 +307,7 @@ class HFSAMSegmenter(Segmenter):
         if data.num_classes != self.module.hf.num_classes:
             self.module.hf.reset_classes(data.num_classes, self.module.mask_decoder)
         self.class_names = list(data.class_names)
+        self._val_base_box: float | None = None  # the base's validation box Dice, once per run
         rank = int(self.config["lora_rank"])
         if rank > 0 and not self.lora_active:
             add_lora(
@@ -312,12 +343,23 @@ class HFSAMSegmenter(Segmenter):
         ]
 
     def extra_validation(self, val: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-        """``val_box_dice``: Dice of a box prompt around every painted class of the validation slices."""
+        """Box-prompt Dice on the validation slices, and which weights will decode prompts.
+
+        ``val_box_dice_tuned`` / ``val_box_dice_base``: a box around every painted class, decoded
+        by the fine-tuned and by the base model; ``val_box_dice``: the one prompts will use
+        (the choice is written to ``hf.prompt_from_base``, see hf_sam_base).
+        """
         from napari_medseg.engine.networks.hf_sam_train import validation_box_dice
 
-        if float(self.config["prompt_loss_weight"]) <= 0:
-            return {}
-        return {"val_box_dice": validation_box_dice(self, val)}
+        cfg = self.config
+        tuned = validation_box_dice(self, val, base=False)
+        if getattr(self, "_val_base_box", None) is None:
+            self._val_base_box = validation_box_dice(self, val, base=True)
+        base = float(self._val_base_box)  # type: ignore[arg-type]
+        use_base = prompts_prefer_base(str(cfg["prompt_weights"]), tuned, base, float(cfg["prompt_margin"]))
+        self.module.hf.prompt_from_base.fill_(float(use_base))
+        chosen = base if use_base else tuned
+        return {"val_box_dice": chosen, "val_box_dice_tuned": tuned, "val_box_dice_base": base}
 
     def selection_score(self, metrics: dict[str, float]) -> float | None:
         """Mean of prompt-free and box-prompted validation Dice: both modes must hold up."""
@@ -358,7 +400,9 @@ class HFSAMSegmenter(Segmenter):
             self.module.hf.reset_classes(int(tokens.shape[0]), self.module.mask_decoder)
         own = self.module.state_dict()
         expected = {k for k in own if self._is_trained_tensor(k)}
-        missing = sorted(expected - set(tensors) - {k for k in expected if k.startswith("mask_decoder.")})
+        # Older checkpoints have no prompt choice (they prompt with the fine-tuned weights).
+        optional = {k for k in expected if k.startswith("mask_decoder.")} | {"hf.prompt_from_base"}
+        missing = sorted(expected - set(tensors) - optional)
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
             what = f"tensor {missing[0]!r} is missing" if missing else f"unexpected tensor {unexpected[0]!r}"

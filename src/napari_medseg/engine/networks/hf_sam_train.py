@@ -131,12 +131,14 @@ def hfsam_loss(
     return loss, terms
 
 
-def validation_box_dice(seg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> float:
+def validation_box_dice(seg: Any, val: list[tuple[np.ndarray, np.ndarray]], base: bool = False) -> float:
     """Mean Dice of one box prompt per painted class on the validation slices.
 
     Args:
-        seg: The HF-SAM segmenter (its current weights, LoRA included).
+        seg: The HF-SAM segmenter.
         val: (C, Y, X) float images in [0, 1] and (Y, X) int labels at the working size.
+        base: Score the untouched base model (no LoRA, SAM's decoder, no fusion) instead of the
+            current fine-tuned weights.
 
     Returns:
         Mean Dice over (slice, class) pairs; NaN when no class is painted.
@@ -148,9 +150,11 @@ def validation_box_dice(seg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> f
     module = seg.module
     module.eval()
     scores = []
-    with torch.inference_mode():
+    with torch.inference_mode(), seg.prompting(base=base):
         for image, label in val:
             emb = hp.encode_frame(module, image, None, seg.input_size, seg.device)
+            if base:
+                emb.pop("early", None)
             for k in np.unique(label[label > 0]):
                 target = label == k
                 prompts = Prompts.make(box=mask_box(target))

@@ -53,6 +53,9 @@ class HFHead(nn.Module):
         self.fusion_post = AWFFM(dim) if fusion_post else None
         self.class_tokens = nn.Embedding(num_classes, dim)
         self.class_mlps = nn.ModuleList([MLP(dim, dim, dim // 8, 3) for _ in range(num_classes)])
+        # 1: prompts are decoded with the untouched base model (no LoRA, SAM's own decoder, no
+        # fusion) because fine-tuning did not improve them on validation; kept with the weights.
+        self.register_buffer("prompt_from_base", torch.zeros(()))
 
     @property
     def num_classes(self) -> int:

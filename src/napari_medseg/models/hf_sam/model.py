@@ -203,6 +203,7 @@ class HFSAM(nn.Module):
         # f_low is recomputed from ``early`` on every call, so the early feature is the key.
         source = early if f_low is not None else None
         key = (
+            id(self.mask_decoder),  # prompts may swap in the base decoder (engine's hf_sam.py)
             id(embedding),
             _version(embedding),
             None if source is None else (id(source), _version(source)),

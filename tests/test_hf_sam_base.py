@@ -1,0 +1,116 @@
+"""HF-SAM after fine-tuning: prompts never get worse (base-model fallback, hf_sam_base)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import napari_medseg as nms
+from napari_medseg.engine.networks.hf_sam import HFSAMSegmenter
+from napari_medseg.engine.networks.hf_sam_base import prompts_prefer_base
+from napari_medseg.engine.prompt import Prompts
+
+TINY_VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2, "global_attn_indexes": [1, 3], "window_size": 2}
+
+
+def tiny(**options) -> HFSAMSegmenter:
+    opts = {"weights": "none", "input_size": 64, "vit_overrides": TINY_VIT, "seed": 0, "lora_rank": 2}
+    return HFSAMSegmenter(device="cpu", backbone="sam_vit_b", **(opts | options))
+
+
+def disc(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:size, :size]
+    mask = (yy - 30) ** 2 + (xx - 34) ** 2 < 144
+    rng = np.random.default_rng(0)
+    return (0.2 + 0.6 * mask + 0.05 * rng.standard_normal((size, size))).astype(np.float32), mask
+
+
+@pytest.fixture(scope="module")
+def tuned() -> tuple[HFSAMSegmenter, list]:
+    """A tiny HF-SAM fine-tuned hard enough (lr 0.05) that every trained weight moved."""
+    seg = tiny()
+    img, mask = disc()
+    records = list(
+        seg.finetune(
+            [img, img[::-1].copy()],
+            [mask.astype(np.int64), mask[::-1].astype(np.int64)],
+            steps=3,
+            val_every=1,
+            batch_size=2,
+            augment="none",
+            lr=5e-2,
+            warmup=0,
+        )
+    )
+    return seg, records
+
+
+def _prompted(seg: HFSAMSegmenter, img: np.ndarray) -> torch.Tensor:
+    emb = seg.encode_slice(img[None], None)
+    return seg.decode_prompts(emb, Prompts.make(box=(10, 12, 44, 52)), img.shape, None).low_res
+
+
+def test_choice_rule() -> None:
+    assert prompts_prefer_base("auto", 0.80, 0.90, 0.01)
+    assert prompts_prefer_base("auto", 0.905, 0.90, 0.01)  # within the margin: keep the base
+    assert not prompts_prefer_base("auto", 0.95, 0.90, 0.01)
+    assert prompts_prefer_base("auto", math.nan, 0.90, 0.01)
+    assert prompts_prefer_base("base", 1.0, 0.0, 0.0)
+    assert not prompts_prefer_base("finetuned", 0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="prompt_weights"):
+        prompts_prefer_base("best", 0.5, 0.5, 0.0)
+
+
+def test_validation_reports_both_paths_and_sets_the_choice(tuned) -> None:
+    seg, records = tuned
+    m = records[-1].metrics
+    assert {"val_box_dice", "val_box_dice_tuned", "val_box_dice_base"} <= set(m)
+    use_base = not m["val_box_dice_tuned"] > m["val_box_dice_base"] + 0.01
+    assert m["val_box_dice"] == (m["val_box_dice_base"] if use_base else m["val_box_dice_tuned"])
+    # The base's figure is measured once per run: the model before any step.
+    assert len({r.metrics["val_box_dice_base"] for r in records}) == 1
+
+
+def test_base_prompting_equals_the_untouched_model(tuned) -> None:
+    seg, _ = tuned
+    img, _ = disc()
+    untouched = tiny()
+    mode = seg.config["prompt_weights"]
+    try:
+        seg.config["prompt_weights"] = "base"
+        assert seg.prompts_use_base
+        base = _prompted(seg, img)
+        torch.testing.assert_close(base, _prompted(untouched, img), atol=1e-5, rtol=0)
+        assert seg.prompt_cache_key() == untouched.prompt_cache_key()
+        seg.config["prompt_weights"] = "finetuned"
+        assert not seg.prompts_use_base
+        assert (_prompted(seg, img) - base).abs().max() > 1e-3  # fine-tuning did change prompts
+        assert seg.prompt_cache_key() != untouched.prompt_cache_key()
+    finally:
+        seg.config["prompt_weights"] = mode
+    # Switching back and forth leaves the fine-tuned model intact: LoRA on, its own decoder.
+    assert seg.module.mask_decoder is not seg._base_decoder
+    assert all(p.requires_grad for n, p in seg.module.named_parameters() if "lora_" in n)
+
+
+def test_choice_travels_with_the_checkpoint(tuned, tmp_path) -> None:
+    seg, _ = tuned
+    flag = seg.module.hf.prompt_from_base.clone()
+    try:
+        seg.module.hf.prompt_from_base.fill_(1.0)
+        back = nms.load_model(seg.save(tmp_path / "a.safetensors"), device="cpu")
+        assert back.prompts_use_base
+        seg.module.hf.prompt_from_base.fill_(0.0)
+        back = nms.load_model(seg.save(tmp_path / "b.safetensors"), device="cpu")
+        assert not back.prompts_use_base
+        # A checkpoint from before the choice existed loads and prompts with its own weights.
+        old = {k: v for k, v in seg.checkpoint_tensors().items() if k != "hf.prompt_from_base"}
+        fresh = tiny()
+        fresh.load_checkpoint_tensors(old, "old checkpoint")
+        fresh.trained = True
+        assert not fresh.prompts_use_base
+    finally:
+        seg.module.hf.prompt_from_base.copy_(flag)
