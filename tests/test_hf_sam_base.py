@@ -72,6 +72,9 @@ def test_validation_reports_both_paths_and_sets_the_choice(tuned) -> None:
     assert m["val_box_dice"] == (m["val_box_dice_base"] if use_base else m["val_box_dice_tuned"])
     # The base's figure is measured once per run: the model before any step.
     assert len({r.metrics["val_box_dice_base"] for r in records}) == 1
+    # The user is told which weights their prompts will use.
+    assert seg.prompts_use_base == bool(seg.module.hf.prompt_from_base)
+    assert ("base model" if seg.prompts_use_base else "fine-tuned weights") in seg.training_note()
 
 
 def test_base_prompting_equals_the_untouched_model(tuned) -> None:

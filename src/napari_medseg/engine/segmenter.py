@@ -246,6 +246,10 @@ class Segmenter:
         """The validation figure that decides which weights are kept (higher is better)."""
         return metrics.get("val_dice")
 
+    def training_note(self) -> str:
+        """A sentence for the user about the trained model (shown after fine-tuning), or ""."""
+        return ""
+
     def make_train_data(self, images: Any, labels: Any, unlabeled: Any, options: Any) -> Any:
         """Build the training data object (default: 2-D slices, see engine/train/data.py)."""
         from napari_medseg.engine.train.data import SliceData

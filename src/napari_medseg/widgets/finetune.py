@@ -395,7 +395,7 @@ class FinetuneWidget(QWidget):
         self.result = self.session.add(state["network"], seg, state["image"], saved, info)
         self.apply_button.setEnabled(True)
         self.progress.setFormat("cancelled — best model kept" if outcome == "cancelled" else "done")
-        where = f"saved to {saved}" if saved else "not saved"
+        where = (f"saved to {saved}" if saved else "not saved") + "." + seg.training_note()
         message = f"'{self.result.name}' (best val Dice {best}) is ready in the Segment widget; {where}"
         self._say(message)
         show_info(f"Fine-tune: {message}")

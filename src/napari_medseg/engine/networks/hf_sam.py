@@ -370,6 +370,17 @@ class HFSAMSegmenter(Segmenter):
             return metrics["val_dice"]
         return 0.5 * (metrics["val_dice"] + box)
 
+    def training_note(self) -> str:
+        """Tell the user which weights will decode their prompts."""
+        if not self.trained:
+            return ""
+        if self.prompts_use_base:
+            return (
+                " Prompts keep using the base model: fine-tuning did not improve box prompts on "
+                "the validation slices (prompt_weights)."
+            )
+        return " Prompts use the fine-tuned weights (they beat the base model on validation)."
+
     def training_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
