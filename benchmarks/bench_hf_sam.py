@@ -309,6 +309,7 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
                     "prompt-free Dice": free,
                     "box Dice (fine-tuned)": boxed,
                     "prompts from": "base" if from_base else "fine-tuned",
+                    "bf16 training": bool(seg.train_defaults().get("cpu_amp", False)),
                     "box Dice (fine-tuned weights)": tuned,
                     "box Dice (zero-shot)": zero,
                     "test images": len(test),

@@ -27,6 +27,7 @@ COLS = [
     "prompts from",
     "box Dice (fine-tuned weights)",
     "box Dice (zero-shot)",
+    "bf16 training",
     "threads",
     "peak RSS (MB)",
 ]
@@ -42,6 +43,7 @@ def main() -> None:
             # Runs from before the prompt fallback existed prompted with the fine-tuned weights.
             row.setdefault("prompts from", "fine-tuned (no fallback yet)")
             row.setdefault("box Dice (fine-tuned weights)", row["box Dice (fine-tuned)"])
+            row.setdefault("bf16 training", False)
             extra = {"threads": threads, "peak RSS (MB)": payload.get("peak_rss_mb"), "file": f.name}
             rows.append(row | extra)
     rows.sort(key=lambda r: (r["dataset"], r["k"]))

@@ -110,3 +110,23 @@ def test_multi_class_from_labels(toy_registered):
     lab[:10, :10] = 2
     _run(seg.finetune(image, lab, steps=2, class_names=["disc", "corner"]))
     assert seg.class_names == ["background", "disc", "corner"] and seg.num_classes == 3
+
+
+@pytest.mark.parametrize("cpu_amp", [False, True])
+def test_cpu_amp_runs_the_loss_under_bf16_autocast(toy_registered, monkeypatch, cpu_amp):
+    """``cpu_amp`` puts the training step (not validation) under bfloat16 autocast on a CPU."""
+    seg = toy_registered(device="cpu")
+    image, mask = disc_image()
+    seen = []
+    loss_fn = seg.training_loss
+
+    def spy(module, batch):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return loss_fn(module, batch)
+
+    monkeypatch.setattr(seg, "training_loss", spy)
+    last = _run(seg.finetune(image, mask, steps=80, seed=0, augment="none", cpu_amp=cpu_amp))
+    assert seen and all(s == cpu_amp for s in seen)
+    # Weights stay float32 and still learn the disc under bf16.
+    assert all(v.dtype == torch.float32 for v in seg.checkpoint_tensors().values() if v.is_floating_point())
+    assert last.done and dice(seg.segment(image) == 1, mask == 1) >= 0.9

@@ -95,6 +95,19 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), so bf16 autocast pays.
+
+    Without it, PyTorch emulates bfloat16 on a CPU and autocast is slower than float32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(bool(getattr(cpu, name)()) for name in checks if hasattr(cpu, name))
+    except RuntimeError:
+        return False
+
+
 def available_devices() -> list[str]:
     """Device names a user can choose on this machine, ``"auto"`` first."""
     names = ["auto", "cpu"]

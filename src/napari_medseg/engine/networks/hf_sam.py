@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from napari_medseg.engine.checkpoint import Checkpoint, CheckpointError
+from napari_medseg.engine.device import cpu_has_native_bf16
 from napari_medseg.engine.networks import hf_sam_prompt as hp
 from napari_medseg.engine.networks.hf_sam_base import base_model, frozen_copy, prompts_prefer_base
 from napari_medseg.engine.preprocess import IntensityPreset
@@ -299,6 +300,8 @@ class HFSAMSegmenter(Segmenter):
             "warmup": 10,
             "batch_size": 2,
             "augment": "default",
+            # bf16 autocast halves a CPU step where the CPU has native bf16 (benchmarks in docs).
+            "cpu_amp": cpu_has_native_bf16(),
         }
 
     def prepare_for_training(self, data: Any) -> None:

@@ -120,6 +120,7 @@ def finetune(
     else:
         optim = torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
     use_amp = opts.amp and device.type == "cuda"
+    use_cpu_amp = opts.cpu_amp and device.type == "cpu"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     wrapped = ctx.wrap(_LossModule(seg), device)
     rng = np.random.default_rng(opts.seed + 1000 * ctx.rank)
@@ -135,7 +136,11 @@ def finetune(
                 group["lr"] = scale * opts.lr * lr_factor(step, total, opts.schedule, opts.warmup)
             batch = {k: v.to(device) for k, v in data.sample_batch(rng, opts.batch_size).items()}
             try:
-                with torch.autocast("cuda", enabled=use_amp):
+                with (
+                    torch.autocast("cpu", dtype=torch.bfloat16)
+                    if use_cpu_amp
+                    else torch.autocast("cuda", enabled=use_amp)
+                ):
                     loss, terms = wrapped(batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
