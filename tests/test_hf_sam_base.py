@@ -53,6 +53,15 @@ def _prompted(seg: HFSAMSegmenter, img: np.ndarray) -> torch.Tensor:
     return seg.decode_prompts(emb, Prompts.make(box=(10, 12, 44, 52)), img.shape, None).low_res
 
 
+def _prompted_with(seg: HFSAMSegmenter, img: np.ndarray, mode: str) -> torch.Tensor:
+    saved = seg.config["prompt_weights"]
+    seg.config["prompt_weights"] = mode
+    try:
+        return _prompted(seg, img)
+    finally:
+        seg.config["prompt_weights"] = saved
+
+
 def test_choice_rule() -> None:
     assert prompts_prefer_base("auto", 0.80, 0.90, 0.01)
     assert prompts_prefer_base("auto", 0.905, 0.90, 0.01)  # within the margin: keep the base
@@ -94,9 +103,20 @@ def test_base_prompting_equals_the_untouched_model(tuned) -> None:
         assert seg.prompt_cache_key() != untouched.prompt_cache_key()
     finally:
         seg.config["prompt_weights"] = mode
-    # Switching back and forth leaves the fine-tuned model intact: LoRA on, its own decoder.
+    # The base path is a view: it shares the encoder's weights, has no LoRA, and leaves the
+    # fine-tuned model untouched (so another thread may segment with it meanwhile).
+    view = seg.prompt_module(base=True)
+    assert view is not seg.module and view.mask_decoder is seg._base_decoder
+    assert not any("lora_" in n for n, _ in view.named_parameters())
+    shared = {id(p) for p in seg.module.image_encoder.parameters()}
+    assert all(id(p) in shared for p in view.image_encoder.parameters())
     assert seg.module.mask_decoder is not seg._base_decoder
-    assert all(p.requires_grad for n, p in seg.module.named_parameters() if "lora_" in n)
+    assert any("lora_" in n for n, _ in seg.module.named_parameters())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        before = seg.module(x)
+        _prompted_with(seg, img, "base")
+        torch.testing.assert_close(seg.module(x), before, atol=0, rtol=0)
 
 
 def test_choice_travels_with_the_checkpoint(tuned, tmp_path) -> None:

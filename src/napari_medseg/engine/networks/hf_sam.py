@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import nn
 from napari_medseg.engine.checkpoint import Checkpoint, CheckpointError
 from napari_medseg.engine.device import cpu_has_native_bf16
 from napari_medseg.engine.networks import hf_sam_prompt as hp
-from napari_medseg.engine.networks.hf_sam_base import base_model, frozen_copy, prompts_prefer_base
+from napari_medseg.engine.networks.hf_sam_base import base_view, frozen_copy, prompts_prefer_base
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import ModelCard, register
@@ -208,14 +207,21 @@ class HFSAMSegmenter(Segmenter):
             return bool(self.module.hf.prompt_from_base.item())
         return prompts_prefer_base(mode, float("nan"), float("nan"), 0.0)
 
-    def prompting(self, base: bool | None = None) -> AbstractContextManager[None]:
-        """Context in which ``self.module`` prompts with the chosen weights.
+    def prompt_module(self, base: bool | None = None) -> HFSAM:
+        """The module that encodes and decodes prompts: ``self.module`` or its base view.
 
         Args:
             base: Force the base (True) or the fine-tuned (False) path; ``None``: the model's choice.
         """
-        use_base = self.prompts_use_base if base is None else base
-        return base_model(self.module, self._base_decoder) if use_base else nullcontext()
+        if not (self.prompts_use_base if base is None else base):
+            return self.module
+        cached = getattr(self, "_base_view", None)
+        # Rebuilt when training replaced the module or injected LoRA (the view unwraps it).
+        key = (id(self.module), self.lora_active)
+        if cached is None or cached[0] != key:
+            cached = (key, base_view(self.module, self._base_decoder))
+            self._base_view = cached
+        return cached[1]
 
     def prompt_cache_key(self) -> str:
         """Backbone, base weights, input size, normalisation and LoRA state (embedding identity)."""
@@ -240,8 +246,7 @@ class HFSAMSegmenter(Segmenter):
     def encode_slice(self, image: np.ndarray, roi: tuple[int, int, int, int] | None) -> Embedding:
         """Encode one (C, Y, X) float slice in [0, 1] (or its ROI); see hf_sam_prompt."""
         self.module.eval()
-        with self.prompting():
-            emb = hp.encode_frame(self.module, image, roi, self.input_size, self.device)
+        emb = hp.encode_frame(self.prompt_module(), image, roi, self.input_size, self.device)
         if self.prompts_use_base:
             emb.pop("early", None)  # the base model has no fusion module
         return emb
@@ -267,16 +272,16 @@ class HFSAMSegmenter(Segmenter):
     ) -> PromptResult:
         """Decode one prompt set into a (Y, X) mask at the slice's resolution."""
         self.module.eval()
-        with torch.inference_mode(), self.prompting():
-            return hp.decode_prompt_set(self.module, embedding, prompts, tuple(shape), roi, self.input_size)
+        module = self.prompt_module()
+        with torch.inference_mode():
+            return hp.decode_prompt_set(module, embedding, prompts, tuple(shape), roi, self.input_size)
 
     def decode_boxes(
         self, embedding: Embedding, boxes: np.ndarray, shape: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Several (y0, x0, y1, x1) boxes on one whole-slice embedding → ((N, Y, X) masks, (N,) IoU)."""
         self.module.eval()
-        with self.prompting():
-            return hp.decode_boxes(self.module, embedding, boxes, tuple(shape), self.input_size)
+        return hp.decode_boxes(self.prompt_module(), embedding, boxes, tuple(shape), self.input_size)
 
     def prompt(
         self,

@@ -13,20 +13,19 @@ fine-tuning, so the engine keeps a frozen copy of the base decoder and decides p
   weights it was made for (``hf.prompt_from_base``), so the best checkpoint keeps its own.
 * ``"finetuned"`` / ``"base"`` force one path.
 
-The base path is exactly the model before fine-tuning: LoRA switched off, SAM's own decoder,
-no fusion — so zero-shot prompting is reproduced to float rounding (tested).
+The base path is exactly the model before fine-tuning — no LoRA, SAM's own decoder, no fusion —
+seen through a view that shares the fine-tuned model's weights (:func:`base_view`), so
+zero-shot prompting is reproduced to float rounding (tested) without touching that model.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
-from napari_medseg.models.hf_sam.lora import has_lora, set_lora_enabled
+from napari_medseg.models.hf_sam.lora import has_lora
 
 PROMPT_WEIGHTS = ("auto", "finetuned", "base")
 
@@ -39,29 +38,41 @@ def frozen_copy(decoder: nn.Module) -> nn.Module:
     return base
 
 
-@contextmanager
-def base_model(module: Any, base_decoder: nn.Module) -> Iterator[None]:
-    """Within the block, ``module`` (an HFSAM) prompts like its base model.
+def _lora_free(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` that shares every parameter, with LoRA layers unwrapped.
 
-    LoRA adapters are switched off and the mask decoder is the frozen base copy; callers drop the
-    early feature so the fusion module is skipped. Everything is restored on exit, including the
-    adapters' ``requires_grad`` flags (peft's switch resets them).
+    Each peft LoRA layer is replaced by its base layer; every other module is a shallow copy
+    with its own child table, so the original model is never modified.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer  # only reached when LoRA is in use
+
+    if isinstance(module, BaseTunerLayer):
+        return _lora_free(module.get_base_layer())
+    view = copy.copy(module)
+    view._modules = {k: None if m is None else _lora_free(m) for k, m in module._modules.items()}
+    return view
+
+
+def base_view(module: Any, base_decoder: nn.Module) -> Any:
+    """The fine-tuned HFSAM ``module`` seen as its untouched base model, without changing it.
+
+    The view shares every weight with ``module`` (no copy of the encoder), but its encoder has
+    no LoRA and its mask decoder is ``base_decoder``; callers drop the early feature so the
+    fusion module is skipped. Nothing of ``module`` is switched or swapped, so a prompt decoded
+    with the view can run while another thread segments with the fine-tuned model.
+
+    Args:
+        module: An HFSAM, possibly with LoRA injected and a fine-tuned decoder.
+        base_decoder: The frozen copy of SAM's decoder taken before fine-tuning.
+    """
+    view = copy.copy(module)
+    view._modules = dict(module._modules)
     encoder = module.image_encoder
-    lora = has_lora(encoder)
-    flags = {p: p.requires_grad for p in encoder.parameters()}
-    tuned = module.mask_decoder
-    if lora:
-        set_lora_enabled(encoder, False)
-    module.mask_decoder = base_decoder.to(next(tuned.parameters()).device)
-    try:
-        yield
-    finally:
-        module.mask_decoder = tuned
-        if lora:
-            set_lora_enabled(encoder, True)
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
+    view._modules["image_encoder"] = _lora_free(encoder) if has_lora(encoder) else encoder
+    view._modules["mask_decoder"] = base_decoder.to(module.pixel_mean.device)
+    # The view keeps its own decoder caches (they are keyed on the decoder's identity too).
+    view._side_cache = None
+    return view
 
 
 def prompts_prefer_base(mode: str, tuned_box: float, base_box: float, margin: float) -> bool:

@@ -147,10 +147,10 @@ def validation_box_dice(seg: Any, val: list[tuple[np.ndarray, np.ndarray]], base
     from napari_medseg.engine.networks import hf_sam_prompt as hp
     from napari_medseg.engine.prompt import Prompts, mask_box
 
-    module = seg.module
-    module.eval()
+    seg.module.eval()
+    module = seg.prompt_module(base=base)
     scores = []
-    with torch.inference_mode(), seg.prompting(base=base):
+    with torch.inference_mode():
         for image, label in val:
             emb = hp.encode_frame(module, image, None, seg.input_size, seg.device)
             if base:

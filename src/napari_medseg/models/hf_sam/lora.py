@@ -137,15 +137,6 @@ def has_lora(module: nn.Module) -> bool:
     return any("lora_" in name for name, _ in module.named_parameters())
 
 
-def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every injected LoRA adapter of ``module`` on or off (weights are kept)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for m in module.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.enable_adapters(enabled)
-
-
 def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors of ``module`` by state-dict name."""
     return {k: v for k, v in module.state_dict().items() if "lora_" in k}
