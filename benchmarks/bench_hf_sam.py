@@ -284,13 +284,14 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
         for k in ks:
             seg = nms.load_model("hf-sam", device="cpu")
             t0 = time.perf_counter()
-            for _ in seg.finetune(
+            last = None
+            for record in seg.finetune(
                 [p[0] for p in pool[:k]],
                 [p[1].astype(np.int64) for p in pool[:k]],
                 steps=steps,
                 channel_axis=-1 if pool[0][0].ndim == 3 else None,
             ):
-                pass
+                last = record
             took = time.perf_counter() - t0
             free = statistics.mean(dice(seg.segment(im) > 0, m) for im, m in test)
             boxed = statistics.mean(dice(seg.prompt(im).predict(box=mask_box(m)), m) for im, m in test)
@@ -310,6 +311,8 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
                     "box Dice (fine-tuned)": boxed,
                     "prompts from": "base" if from_base else "fine-tuned",
                     "bf16 training": bool(seg.train_defaults().get("cpu_amp", False)),
+                    "prompt margin": seg.config.get("prompt_margin"),
+                    "last val": {k: v for k, v in (last.metrics if last else {}).items() if "dice" in k},
                     "box Dice (fine-tuned weights)": tuned,
                     "box Dice (zero-shot)": zero,
                     "test images": len(test),

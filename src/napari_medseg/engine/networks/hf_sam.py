@@ -95,7 +95,7 @@ class HFSAMSegmenter(Segmenter):
             "prompt_loss_weight": 1.0,
             "prompt_box_prob": 0.7,
             "prompt_weights": "auto",  # auto | finetuned | base: which weights decode prompts
-            "prompt_margin": 0.01,  # validation box Dice the fine-tuned prompts must gain
+            "prompt_margin": 0.03,  # validation box Dice the fine-tuned prompts must gain
             "encoder_precision": "fp32",  # fp32 | bf16 (faster embeddings on bf16 CPUs/GPUs)
             "roi_zoom": "auto",  # auto | always | off
             "roi_threshold": 0.15,
