@@ -12,7 +12,7 @@ Usage:
     python benchmarks/bench_s3_net.py [--quick] [--datasets ph2 busi kvasir_seg]
         [--modes paper released] [--n 20] [--working-size 256] [--threads 2]
     python benchmarks/bench_s3_net.py --iteration-ab --datasets ph2 --threads 2 \
-        --out benchmarks/results/bench_s3_net_iteration.json   # CPU conv forms vs nn.Conv2d
+        --out benchmarks/results/bench_s3_net_iteration.json   # CPU forms (s3_ops) vs before
 
 Data: ``$MEDSEG_DATA`` (default /work/shared/data), read at run time, never copied.
 Writes benchmarks/results/bench_s3_net.json.
@@ -68,7 +68,7 @@ def run_one(mode: str, image: np.ndarray, options: dict) -> tuple[np.ndarray, fl
 
 
 def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> dict[str, float]:
-    """Seconds per ``paper`` iteration with the CPU conv forms (``models/s3_ops.py``) and without.
+    """Seconds per ``paper`` iteration with and without the CPU forms of ``models/s3_ops.py``.
 
     Both variants run the same seeded optimisation in this process, alternating twice; the first
     two iterations of each run are warm-up. Returns the medians (and minima) of the rest.
@@ -76,16 +76,21 @@ def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> d
     import napari_medseg.models.s3_net as s3_net_module
     from napari_medseg.models import s3_ops
 
+    fast = (s3_ops.depthwise_conv2d, s3_ops.pointwise_conv2d)
+    plain = (lambda conv, x: conv(x), lambda conv, x: conv(x))
     variants = {
-        "cpu forms": (s3_ops.depthwise_conv2d, s3_ops.pointwise_conv2d),
-        "nn.Conv2d": (lambda conv, x: conv(x), lambda conv, x: conv(x)),
+        "cpu forms + banded deform": (fast, "banded"),
+        "cpu forms + sampling deform": (fast, "sampling"),
+        "nn.Conv2d + sampling deform": (plain, "sampling"),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:
         for _ in range(2):
-            for name, (dw, pw) in variants.items():
+            for name, ((dw, pw), deform) in variants.items():
                 s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = dw, pw
-                seg = nms.load_model("s3-net", device="cpu", working_size=working_size, min_iter=10**6)
+                seg = nms.load_model(
+                    "s3-net", device="cpu", working_size=working_size, min_iter=10**6, deform_impl=deform
+                )
                 prep = seg.prepare(image, -1 if image.ndim == 3 else None)
                 x = seg._working_input(torch.from_numpy(prep.data[0:1]))
                 gen, t0 = seg.optimise(x, 0), time.perf_counter()
@@ -97,7 +102,7 @@ def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> d
                     if i + 1 >= iterations:
                         break
     finally:
-        s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = variants["cpu forms"]
+        s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = fast
     out = {f"{k} median (s)": statistics.median(v) for k, v in times.items()}
     return out | {f"{k} min (s)": min(v) for k, v in times.items()}
 
@@ -125,7 +130,7 @@ def main() -> None:
         stem, image, _ = cases(args.datasets[0], 1)[0]
         ab = iteration_ab(image, args.working_size)
         for k, v in ab.items():
-            print(f"{stem} {args.working_size}: {k:<24}{v:.3f}")
+            print(f"{stem} {args.working_size}: {k:<40}{v:.3f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"threads": torch.get_num_threads(), "case": stem, "load_average": os.getloadavg()}
         args.out.write_text(json.dumps({"meta": meta, "iteration_ab": ab}, indent=1))
