@@ -25,6 +25,7 @@ COLS = [
     "prompt-free Dice",
     "box Dice (fine-tuned)",
     "prompts from",
+    "prompt margin",
     "box Dice (fine-tuned weights)",
     "box Dice (zero-shot)",
     "bf16 training",
@@ -40,7 +41,9 @@ def main() -> None:
         payload = json.loads(f.read_text())
         threads = payload.get("machine", {}).get("torch_threads")
         for row in payload.get("fewshot", []):
-            # Runs from before the prompt fallback existed prompted with the fine-tuned weights.
+            # Runs from before the prompt fallback existed prompted with the fine-tuned weights;
+            # the first runs with it used a 0.01 margin and did not record it.
+            row.setdefault("prompt margin", 0.01 if "prompts from" in row else "none")
             row.setdefault("prompts from", "fine-tuned (no fallback yet)")
             row.setdefault("box Dice (fine-tuned weights)", row["box Dice (fine-tuned)"])
             row.setdefault("bf16 training", False)
