@@ -137,3 +137,12 @@ def test_choice_travels_with_the_checkpoint(tuned, tmp_path) -> None:
         assert not fresh.prompts_use_base
     finally:
         seg.module.hf.prompt_from_base.copy_(flag)
+
+
+def test_single_painted_slice_keeps_base_prompts() -> None:
+    """With one labeled slice validation sees only its own views: auto keeps the base."""
+    seg = tiny()
+    img, mask = disc()
+    list(seg.finetune([img], [mask.astype(np.int64)], steps=2, val_every=1, batch_size=2, augment="none"))
+    assert seg.prompts_use_base
+    assert seg.module.hf.prompt_from_base.item() == 1.0

@@ -316,6 +316,8 @@ class HFSAMSegmenter(Segmenter):
             self.module.hf.reset_classes(data.num_classes, self.module.mask_decoder)
         self.class_names = list(data.class_names)
         self._val_base_box: float | None = None  # the base's validation box Dice, once per run
+        # One painted slice: validation sees only views of it, no evidence for tuned prompts.
+        self._val_from_training = bool(getattr(data, "val_from_training", False))
         rank = int(self.config["lora_rank"])
         if rank > 0 and not self.lora_active:
             add_lora(
@@ -364,7 +366,10 @@ class HFSAMSegmenter(Segmenter):
         if getattr(self, "_val_base_box", None) is None:
             self._val_base_box = validation_box_dice(self, val, base=True)
         base = float(self._val_base_box)  # type: ignore[arg-type]
-        use_base = prompts_prefer_base(str(cfg["prompt_weights"]), tuned, base, float(cfg["prompt_margin"]))
+        mode = str(cfg["prompt_weights"])
+        if mode == "auto" and getattr(self, "_val_from_training", False):
+            mode = "base"
+        use_base = prompts_prefer_base(mode, tuned, base, float(cfg["prompt_margin"]))
         self.module.hf.prompt_from_base.fill_(float(use_base))
         chosen = base if use_base else tuned
         return {"val_box_dice": chosen, "val_box_dice_tuned": tuned, "val_box_dice_base": base}

@@ -189,6 +189,8 @@ class SliceData:
         chain = list(extra_transforms) + generic_transforms(options.augment)
         data = cls(train, val, free, k, names, resolved, crop, chain, note)
         data._indices = list(range(len(train)))
+        # Validation on views of the training slice says nothing about unseen images.
+        data.val_from_training = len(pairs) < 2
         log.info("training on %d slices, validating on %d (%s)", len(train), len(val), note or "held out")
         return data
 
