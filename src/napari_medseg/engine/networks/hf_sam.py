@@ -24,7 +24,13 @@ from torch import nn
 from napari_medseg.engine.checkpoint import Checkpoint, CheckpointError
 from napari_medseg.engine.device import cpu_has_native_bf16
 from napari_medseg.engine.networks import hf_sam_prompt as hp
-from napari_medseg.engine.networks.hf_sam_base import base_view, frozen_copy, prompts_prefer_base
+from napari_medseg.engine.networks.hf_sam_base import (
+    base_view,
+    frozen_copy,
+    prompt_note,
+    prompts_prefer_base,
+    validate_prompts,
+)
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import ModelCard, register
@@ -359,20 +365,7 @@ class HFSAMSegmenter(Segmenter):
         by the fine-tuned and by the base model; ``val_box_dice``: the one prompts will use
         (the choice is written to ``hf.prompt_from_base``, see hf_sam_base).
         """
-        from napari_medseg.engine.networks.hf_sam_train import validation_box_dice
-
-        cfg = self.config
-        tuned = validation_box_dice(self, val, base=False)
-        if getattr(self, "_val_base_box", None) is None:
-            self._val_base_box = validation_box_dice(self, val, base=True)
-        base = float(self._val_base_box)  # type: ignore[arg-type]
-        mode = str(cfg["prompt_weights"])
-        if mode == "auto" and getattr(self, "_val_from_training", False):
-            mode = "base"
-        use_base = prompts_prefer_base(mode, tuned, base, float(cfg["prompt_margin"]))
-        self.module.hf.prompt_from_base.fill_(float(use_base))
-        chosen = base if use_base else tuned
-        return {"val_box_dice": chosen, "val_box_dice_tuned": tuned, "val_box_dice_base": base}
+        return validate_prompts(self, val)
 
     def selection_score(self, metrics: dict[str, float]) -> float | None:
         """Mean of prompt-free and box-prompted validation Dice: both modes must hold up."""
@@ -385,14 +378,7 @@ class HFSAMSegmenter(Segmenter):
 
     def training_note(self) -> str:
         """Tell the user which weights will decode their prompts."""
-        if not self.trained:
-            return ""
-        if self.prompts_use_base:
-            return (
-                " Prompts keep using the base model: fine-tuning did not improve box prompts on "
-                "the validation slices (prompt_weights)."
-            )
-        return " Prompts use the fine-tuned weights (they beat the base model on validation)."
+        return prompt_note(self) if self.trained else ""
 
     def training_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from napari_medseg.models.hf_sam.lora import has_lora
@@ -91,3 +92,41 @@ def prompts_prefer_base(mode: str, tuned_box: float, base_box: float, margin: fl
     if tuned_box != tuned_box or base_box != base_box:  # NaN: no evidence either way
         return True
     return not tuned_box > base_box + margin
+
+
+def validate_prompts(seg: Any, val: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Score box prompts both ways on the validation slices and record the choice.
+
+    Args:
+        seg: The HF-SAM segmenter being fine-tuned.
+        val: (C, Y, X) float images in [0, 1] and (Y, X) int labels at the working size.
+
+    Returns:
+        ``val_box_dice_tuned`` / ``val_box_dice_base`` (the base once per run) and
+        ``val_box_dice``, the one prompts will use; the choice goes to ``hf.prompt_from_base``.
+    """
+    from napari_medseg.engine.networks.hf_sam_train import validation_box_dice
+
+    cfg = seg.config
+    tuned = validation_box_dice(seg, val, base=False)
+    if getattr(seg, "_val_base_box", None) is None:
+        seg._val_base_box = validation_box_dice(seg, val, base=True)
+    base = float(seg._val_base_box)
+    mode = str(cfg["prompt_weights"])
+    # One painted slice: validation sees only views of it, no evidence for tuned prompts.
+    if mode == "auto" and getattr(seg, "_val_from_training", False):
+        mode = "base"
+    use_base = prompts_prefer_base(mode, tuned, base, float(cfg["prompt_margin"]))
+    seg.module.hf.prompt_from_base.fill_(float(use_base))
+    chosen = base if use_base else tuned
+    return {"val_box_dice": chosen, "val_box_dice_tuned": tuned, "val_box_dice_base": base}
+
+
+def prompt_note(seg: Any) -> str:
+    """The sentence telling the user which weights decode their prompts after fine-tuning."""
+    if seg.prompts_use_base:
+        return (
+            " Prompts keep using the base model: fine-tuning did not improve box prompts on "
+            "the validation slices (prompt_weights)."
+        )
+    return " Prompts use the fine-tuned weights (they beat the base model on validation)."
