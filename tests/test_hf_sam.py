@@ -207,22 +207,27 @@ def test_prompt_free_needs_finetuning():
     assert seg.segment(img, allow_untrained=True).shape == img.shape
 
 
-def test_finetune_save_load_roundtrip(tmp_path):
-    seg = tiny("sam_vit_b", lora_rank=2)
+def finetune_disc(seg, steps: int, lr: float) -> list:
+    """Fine-tune on the disc image and its mirror (one held out), validating every step."""
     img, mask = disc_image()
     labels = mask.astype(np.int64)
-    records = list(
+    return list(
         seg.finetune(
             [img, img[::-1].copy()],
             [labels, labels[::-1].copy()],
-            steps=1,
+            steps=steps,
             val_every=1,
             batch_size=2,
             augment="none",
-            lr=1e-2,
+            lr=lr,
             warmup=0,
         )
     )
+
+
+def test_finetune_save_load_roundtrip(tmp_path):
+    seg = tiny("sam_vit_b", lora_rank=2)
+    records = finetune_disc(seg, steps=1, lr=1e-2)
     assert seg.trained and seg.lora_active
     # Both modes are validated, and the kept weights are scored on their mean.
     m = records[-1].metrics

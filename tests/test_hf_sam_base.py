@@ -12,40 +12,23 @@ import napari_medseg as nms
 from napari_medseg.engine.networks.hf_sam import HFSAMSegmenter
 from napari_medseg.engine.networks.hf_sam_base import prompts_prefer_base
 from napari_medseg.engine.prompt import Prompts
-
-TINY_VIT = {"embed_dim": 32, "depth": 4, "num_heads": 2, "global_attn_indexes": [1, 3], "window_size": 2}
+from test_hf_sam import disc_image, finetune_disc
+from test_hf_sam import tiny as tiny_hf_sam
 
 
 def tiny(**options) -> HFSAMSegmenter:
-    opts = {"weights": "none", "input_size": 64, "vit_overrides": TINY_VIT, "seed": 0, "lora_rank": 2}
-    return HFSAMSegmenter(device="cpu", backbone="sam_vit_b", **(opts | options))
+    return tiny_hf_sam("sam_vit_b", **({"lora_rank": 2} | options))
 
 
-def disc(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[:size, :size]
-    mask = (yy - 30) ** 2 + (xx - 34) ** 2 < 144
-    rng = np.random.default_rng(0)
-    return (0.2 + 0.6 * mask + 0.05 * rng.standard_normal((size, size))).astype(np.float32), mask
+def disc() -> tuple[np.ndarray, np.ndarray]:
+    return disc_image()
 
 
 @pytest.fixture(scope="module")
 def tuned() -> tuple[HFSAMSegmenter, list]:
     """A tiny HF-SAM fine-tuned hard enough (lr 0.05) that every trained weight moved."""
     seg = tiny()
-    img, mask = disc()
-    records = list(
-        seg.finetune(
-            [img, img[::-1].copy()],
-            [mask.astype(np.int64), mask[::-1].astype(np.int64)],
-            steps=3,
-            val_every=1,
-            batch_size=2,
-            augment="none",
-            lr=5e-2,
-            warmup=0,
-        )
-    )
-    return seg, records
+    return seg, finetune_disc(seg, steps=3, lr=5e-2)
 
 
 def _prompted(seg: HFSAMSegmenter, img: np.ndarray) -> torch.Tensor:

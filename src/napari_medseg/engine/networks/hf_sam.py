@@ -25,10 +25,9 @@ from napari_medseg.engine.checkpoint import Checkpoint, CheckpointError
 from napari_medseg.engine.device import cpu_has_native_bf16
 from napari_medseg.engine.networks import hf_sam_prompt as hp
 from napari_medseg.engine.networks.hf_sam_base import (
-    base_view,
+    cached_base_view,
     frozen_copy,
     prompt_note,
-    prompts_prefer_base,
     validate_prompts,
 )
 from napari_medseg.engine.preprocess import IntensityPreset
@@ -209,9 +208,7 @@ class HFSAMSegmenter(Segmenter):
         if not self.trained:
             return False
         mode = str(self.config["prompt_weights"])
-        if mode == "auto":
-            return bool(self.module.hf.prompt_from_base.item())
-        return prompts_prefer_base(mode, float("nan"), float("nan"), 0.0)
+        return bool(self.module.hf.prompt_from_base.item()) if mode == "auto" else mode == "base"
 
     def prompt_module(self, base: bool | None = None) -> HFSAM:
         """The module that encodes and decodes prompts: ``self.module`` or its base view.
@@ -219,15 +216,8 @@ class HFSAMSegmenter(Segmenter):
         Args:
             base: Force the base (True) or the fine-tuned (False) path; ``None``: the model's choice.
         """
-        if not (self.prompts_use_base if base is None else base):
-            return self.module
-        cached = getattr(self, "_base_view", None)
-        # Rebuilt when training replaced the module or injected LoRA (the view unwraps it).
-        key = (id(self.module), self.lora_active)
-        if cached is None or cached[0] != key:
-            cached = (key, base_view(self.module, self._base_decoder))
-            self._base_view = cached
-        return cached[1]
+        use_base = self.prompts_use_base if base is None else base
+        return cached_base_view(self) if use_base else self.module
 
     def prompt_cache_key(self) -> str:
         """Backbone, base weights, input size, normalisation and LoRA state (embedding identity)."""

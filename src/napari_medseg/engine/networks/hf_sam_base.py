@@ -76,6 +76,20 @@ def base_view(module: Any, base_decoder: nn.Module) -> Any:
     return view
 
 
+def cached_base_view(seg: Any) -> Any:
+    """``seg.module``'s :func:`base_view`, built once and rebuilt only when it would be stale.
+
+    Training may replace the module or inject LoRA; the view shares weights, so weight updates
+    alone need no rebuild.
+    """
+    key = (id(seg.module), has_lora(seg.module.image_encoder))
+    cached = getattr(seg, "_base_view", None)
+    if cached is None or cached[0] != key:
+        cached = (key, base_view(seg.module, seg._base_decoder))
+        seg._base_view = cached
+    return cached[1]
+
+
 def prompts_prefer_base(mode: str, tuned_box: float, base_box: float, margin: float) -> bool:
     """Whether prompts should use the base model.
 
