@@ -1,7 +1,8 @@
 """EFS-MedSeg few-shot 3-D benchmark: 2 atlases + unlabeled volumes, ablation of each component.
 
     python benchmarks/bench_efs_medseg.py [--quick] [--datasets acdc,la2018]
-        [--variants full,no_switch,no_vae,no_contrast] [--steps N] [--scale cpu]
+        [--variants full,no_switch,no_vae,no_contrast,no_spatial]
+        [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
 
 For each dataset: two labeled volumes (atlases), four unlabeled volumes, per-class Dice on the
 remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
@@ -33,6 +34,7 @@ VARIANTS = {
     "no_switch": {"use_switch": False},
     "no_vae": {"use_vae": False},
     "no_contrast": {"use_contrast": False},
+    "no_spatial": {"spatial_prob": 0.0},
 }
 CLASSES = {"acdc": ["RV", "myocardium", "LV"], "la2018": ["left atrium"]}
 ACDC_SPACING = (10.0, 1.5, 1.5)  # assumed: the files carry none
@@ -67,7 +69,17 @@ def split(ds: str, quick: bool) -> tuple[list[str], list[str], list[str]]:
     return atlases, unlabeled, test[:4] if quick else test
 
 
-def run_one(ds: str, variant: str, steps: int, quick: bool, scale: str) -> dict[str, Any]:
+def run_one(
+    ds: str,
+    variant: str,
+    steps: int,
+    quick: bool,
+    scale: str,
+    save_dir: str = "",
+    extra: dict[str, Any] | None = None,
+    tta: int = 1,
+    augment: str = "",
+) -> dict[str, Any]:
     """Train one variant and evaluate it (runs inside the child process)."""
     import torch
 
@@ -78,7 +90,7 @@ def run_one(ds: str, variant: str, steps: int, quick: bool, scale: str) -> dict[
     a = [load(ds, s) for s in atl]
     u = [load(ds, s) for s in unl]
     torch.manual_seed(0)
-    seg = nms.load_model("efs-medseg", device="cpu", scale=scale, **VARIANTS[variant])
+    seg = nms.load_model("efs-medseg", device="cpu", scale=scale, **{**VARIANTS[variant], **(extra or {})})
     t0 = time.perf_counter()
     last = None
     for last in seg.finetune(
@@ -89,6 +101,7 @@ def run_one(ds: str, variant: str, steps: int, quick: bool, scale: str) -> dict[
         spacing=[x[2] for x in a],
         unlabeled_spacing=[x[2] for x in u],
         class_names=CLASSES[ds],
+        **({"augment": augment} if augment else {}),
     ):
         if last.step % max(1, steps // 10) == 0:
             print(
@@ -96,17 +109,43 @@ def run_one(ds: str, variant: str, steps: int, quick: bool, scale: str) -> dict[
             )
     train_s = time.perf_counter() - t0
     per: dict[int, list[float]] = {}
-    t1 = time.perf_counter()
+    raw: dict[int, list[float]] = {}
+    per_volume: dict[str, list[float]] = {}
+    tta_scores: dict[int, list[float]] = {}
+    rule = seg.config["keep_largest"]
+    infer_s = 0.0
     for stem in test:
         img, lab, sp = load(ds, stem)
-        pred = seg.segment(img, spacing=sp)
-        for c, d in dice_per_class(pred, lab, seg.num_classes).items():
+        seg.config["keep_largest"] = False  # raw network output, then the post-processing rule
+        t1 = time.perf_counter()
+        pred_raw = seg.segment(img, spacing=sp)
+        seg.config["keep_largest"] = rule
+        pred = seg.postprocess(pred_raw)
+        infer_s += time.perf_counter() - t1
+        scores = dice_per_class(pred, lab, seg.num_classes)
+        per_volume[stem] = [round(float(v), 4) for _, v in sorted(scores.items())]
+        for c, d in scores.items():
             per.setdefault(c, []).append(d)
-    infer_s = (time.perf_counter() - t1) / max(1, len(test))
-    row: dict[str, Any] = {"dataset": ds, "variant": variant, "steps": steps}
+        for c, d in dice_per_class(pred_raw, lab, seg.num_classes).items():
+            raw.setdefault(c, []).append(d)
+        if tta > 1:  # the same, averaged over in-plane quarter turns
+            turns = seg.config["tta"]
+            seg.config["tta"] = tta
+            for c, d in dice_per_class(seg.segment(img, spacing=sp), lab, seg.num_classes).items():
+                tta_scores.setdefault(c, []).append(d)
+            seg.config["tta"] = turns
+    infer_s /= max(1, len(test))
+    row: dict[str, Any] = {"dataset": ds, "variant": variant, "steps": steps, "options": extra or {}, "augment": augment}
     for c, v in sorted(per.items()):
         row[CLASSES[ds][c - 1]] = float(np.mean(v))
     row["mean_dice"] = float(np.mean([row[n] for n in CLASSES[ds] if n in row]))
+    row["mean_dice_no_postprocess"] = float(np.mean([np.mean(v) for v in raw.values()]))
+    if tta_scores:
+        row[f"mean_dice_tta{tta}"] = float(np.mean([np.mean(v) for v in tta_scores.values()]))
+    row["single_piece_classes"] = seg.config.get("single_piece_classes")
+    row["per_volume"] = per_volume
+    if save_dir:
+        row["checkpoint"] = str(seg.save(Path(save_dir) / f"efs_{ds}_{variant}_{steps}.safetensors"))
     row.update(
         train_min=train_s / 60,
         s_per_step=train_s / steps,
@@ -130,11 +169,19 @@ def main() -> None:
     ap.add_argument("--variants", default="")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--scale", default="cpu")
+    ap.add_argument("--name", default="", help="JSON name under benchmarks/results")
+    ap.add_argument(
+        "--set", action="append", default=[], help="extra model option KEY=JSON_VALUE (repeatable)"
+    )
+    ap.add_argument("--augment", default="", help="augmentation preset (default: the network's)")
+    ap.add_argument("--tta", type=int, default=4, help="also score with this many quarter turns")
+    ap.add_argument("--save-dir", default="", help="also save each trained model here")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.child:
         ds, variant = args.child.split(":")
-        print("RESULT " + json.dumps(run_one(ds, variant, args.steps, args.quick, args.scale)), flush=True)
+        print("RESULT " + json.dumps(run_one(ds, variant, args.steps, args.quick, args.scale, args.save_dir, extra, args.tta, args.augment)), flush=True)
         return
     steps = args.steps or (40 if args.quick else 1500)
     variants = args.variants.split(",") if args.variants else (["full"] if args.quick else list(VARIANTS))
@@ -152,6 +199,9 @@ def main() -> None:
                 args.scale,
             ]
             cmd += ["--quick"] if args.quick else []
+            cmd += ["--save-dir", args.save_dir] if args.save_dir else []
+            cmd += [a for kv in args.set for a in ("--set", kv)] + ["--tta", str(args.tta)]
+            cmd += ["--augment", args.augment] if args.augment else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
@@ -171,13 +221,15 @@ def main() -> None:
         "LV",
         "left atrium",
         "mean_dice",
+        "mean_dice_no_postprocess",
+        f"mean_dice_tta{args.tta}",
         "train_min",
         "s_per_step",
         "infer_s_per_volume",
         "peak_rss_mb",
     ]
     print(table(rows, cols))
-    name = "bench_efs_medseg" + ("_quick" if args.quick else "")
+    name = args.name or "bench_efs_medseg" + ("_quick" if args.quick else "")
     print("saved", save(name, {"rows": rows, "command": " ".join(sys.argv)}))
 
 

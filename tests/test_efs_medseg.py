@@ -254,7 +254,19 @@ def test_anisotropic_volume_returns_its_own_shape(tmp_path) -> None:
     for p in seg.finetune([atlas], [lab], unlabeled=unl, steps=1, spacing=(2.0, 1.0, 1.0)):
         assert {"recon", "kl", "contrast", "ce", "dice"} <= set(p.terms)
     assert seg.config["target_spacing"] == [2.0, 1.0, 1.0]
+    assert seg.config["single_piece_classes"] == [1, 2]  # shell and core: one piece each
     img, _ = phantom(5, (7, 29, 41), zscale=3.0)
     out = seg.segment(img, spacing=(3.0, 0.8, 1.1))  # resampled to (10.5, 23.2, 45.1) inside
     assert out.shape == img.shape and out.dtype == np.int32
     assert seg.segment(img[:, :, :17], spacing=(3.0, 0.8, 1.1)).shape == (7, 29, 17)
+
+
+def test_pseudo_label_term_without_contrast() -> None:
+    """``pseudo_weight`` trains unlabeled patches on the other view's confident labels."""
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", **TINY, use_contrast=False, pseudo_weight=1.0, pseudo_threshold=0.0)
+    atlas, lab = phantom(0)
+    records = list(seg.finetune([atlas], [lab], unlabeled=[phantom(2)[0]], steps=2, spacing=(2.0, 1.0, 1.0)))
+    terms = records[-1].terms
+    assert "pseudo" in terms and "contrast" not in terms
+    assert np.isfinite(terms["pseudo"]) and terms["pseudo"] > 0  # threshold 0: every voxel counts

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_medseg.engine.components import keep_largest, single_piece_classes
 from napari_medseg.engine.image import ImageError
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard, register
@@ -84,6 +85,7 @@ class EfsMedSeg(Segmenter):
             "pools": None,
             "spacing": None,  # default spacing of input volumes when segment() gets none
             "overlap": 0.25,
+            "tta": 1,  # in-plane quarter turns averaged at inference (1 = off, 2 or 4)
             "batch_size": 2,
             "max_classes": 16,
             # The three components, each switchable (ablations).
@@ -94,6 +96,14 @@ class EfsMedSeg(Segmenter):
             "switch_regions": 2,
             "switch_smooth": 2.0,
             "switch_self_prob": 0.3,
+            # Random rotation/zoom of training patches (engine/train/spatial_aug.py); 0 = off.
+            "spatial_prob": 0.7,
+            "spatial_rotate": 180.0,  # in-plane degrees for anisotropic volumes (3-D: 30)
+            "spatial_scale": [0.7, 1.4],
+            # Keep only the largest piece of classes that are one piece in every atlas:
+            # "auto" (rule learned from the atlases), True (every class) or False.
+            "keep_largest": "auto",
+            "single_piece_classes": None,  # set by training ("auto")
             "latent": 0,
             "recon_weight": 1.0,
             "recon_alpha": 4.0,
@@ -106,6 +116,9 @@ class EfsMedSeg(Segmenter):
             "contrast_stopgrad": True,
             "unlabeled_per_batch": 1,
             "pseudo_threshold": 0.8,
+            # Cross-entropy on unlabeled patches against the other view's confident prediction
+            # (not in the abstract; 0 = off).
+            "pseudo_weight": 0.0,
         }
 
     def default_class_names(self) -> list[str]:
@@ -158,6 +171,28 @@ class EfsMedSeg(Segmenter):
             x, self.logits, self.patch, float(self.config["overlap"]), int(self.config["batch_size"])
         )
 
+    def _tta_logits(self, x: torch.Tensor) -> Generator[Progress, None, torch.Tensor]:
+        """Logits averaged over ``config["tta"]`` in-plane quarter turns of a (C, Z, Y, X) volume.
+
+        Quarter turns are exact only when the two in-plane spacings are equal, so other volumes
+        run once. Training rotates patches in plane, so every turn is a view the model knows.
+        """
+        turns = max(1, int(self.config.get("tta", 1)))
+        ts = self.config.get("target_spacing") or (1.0, 1.0, 1.0)
+        if abs(float(ts[1]) - float(ts[2])) > 1e-6 * float(ts[1]):
+            turns = 1
+        total: torch.Tensor | None = None
+        for t in range(turns):
+            gen = self.volume_logits(torch.rot90(x, t, dims=(2, 3)))
+            try:
+                while True:
+                    p = next(gen)
+                    yield Progress(t * p.total + p.done, turns * p.total, p.message, p.info)
+            except StopIteration as stop:
+                lt = torch.rot90(stop.value, -t, dims=(2, 3))
+            total = lt if total is None else total + lt
+        return total / turns  # type: ignore[operator]
+
     def iter_segment(  # type: ignore[override]
         self,
         image: np.ndarray,
@@ -192,7 +227,7 @@ class EfsMedSeg(Segmenter):
         with torch.inference_mode():
             x = torch.from_numpy(np.moveaxis(prep.data, 1, 0)).to(self.device)  # (C, Z, Y, X)
             x = resize(x[None], work)[0]
-        logits = yield from self.volume_logits(x)
+        logits = yield from self._tta_logits(x)
         with torch.inference_mode():
             # Back to the input grid on logits (not labels) so boundaries stay smooth; one
             # class at a time to bound memory on large volumes.
@@ -203,7 +238,18 @@ class EfsMedSeg(Segmenter):
                 better = lk > best
                 labels[better] = k
                 best = torch.where(better, lk, best)
-        return labels.numpy()
+        return self.postprocess(labels.numpy())
+
+    def postprocess(self, labels: np.ndarray) -> np.ndarray:
+        """Apply the ``keep_largest`` rule to an (Z, Y, X) int32 label map."""
+        rule = self.config.get("keep_largest", "auto")
+        if rule is True:
+            classes: list[int] = list(range(1, self.num_classes))
+        elif rule == "auto":
+            classes = list(self.config.get("single_piece_classes") or [])
+        else:
+            return labels
+        return keep_largest(labels, classes) if classes else labels
 
     def segment(  # type: ignore[override]
         self,
@@ -252,7 +298,12 @@ class EfsMedSeg(Segmenter):
         pools = [list(p) for p in plan.pools]
         rebuild = data.num_classes != self.num_classes or pools != [list(p) for p in self.module.pools]
         self.class_names = list(data.class_names)
-        self.config.update(target_spacing=list(plan.target_spacing), patch_size=list(plan.patch), pools=pools)
+        self.config.update(
+            target_spacing=list(plan.target_spacing),
+            patch_size=list(plan.patch),
+            pools=pools,
+            single_piece_classes=single_piece_classes([lab for _, lab in data.atlases], data.num_classes),
+        )
         if rebuild:
             self.module = self.build_module().to(self.device)
 
@@ -277,9 +328,11 @@ class EfsMedSeg(Segmenter):
         # Atlas voxels are weighted by their true class, unlabeled ones by their predicted class.
         classes = torch.cat([y, pred[b:]])
         class_dice = soft_dice_per_class(logits[:b].detach(), y)
-        if "embed" in out:
+        pseudo_w = float(cfg.get("pseudo_weight", 0.0)) if "u_image" in batch else 0.0
+        out2: dict[str, torch.Tensor] = {}
+        if "embed" in out or pseudo_w > 0:
             x2 = torch.cat([batch["image2"], batch["u_image2"]]) if "u_image2" in batch else batch["image2"]
-            if cfg["contrast_stopgrad"]:
+            if cfg["contrast_stopgrad"] or "embed" not in out:
                 # The second view is a fixed target (SimSiam-style stop-gradient): one backward
                 # pass per step instead of two, which matters on a CPU.
                 with torch.no_grad():
@@ -288,6 +341,16 @@ class EfsMedSeg(Segmenter):
                 out2 = module.forward_train(x2, sample=False)
                 sup2, _ = segmentation_loss(out2["logits"][:b], y, "dice_ce")
                 loss = 0.5 * (loss + sup2)  # supervision on both views
+        if pseudo_w > 0:
+            # FixMatch-style: the other view's confident prediction labels the unlabeled voxels.
+            p2 = out2["logits"][b:].detach().float().softmax(1)
+            c2, y2 = p2.max(1)
+            keep = (c2 >= float(cfg["pseudo_threshold"])).float()
+            ce_u = F.cross_entropy(logits[b:].float(), y2, reduction="none")
+            pseudo = (ce_u * keep).mean()
+            loss = loss + pseudo_w * pseudo
+            terms["pseudo"] = float(pseudo.detach())
+        if "embed" in out:
             small = tuple(out["embed"].shape[2:])
             cls_s = F.interpolate(classes[:, None].float(), size=small, mode="nearest-exact")[:, 0].long()
             valid = torch.ones_like(conf, dtype=torch.bool)

@@ -25,6 +25,7 @@ from napari_medseg.engine.metrics import dice_per_class
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.train.data import TrainingDataError, as_list, class_setup
 from napari_medseg.engine.train.regional_switch import SwitchOptions, random_switch
+from napari_medseg.engine.train.spatial_aug import SpatialOptions, random_matrix, warp_patch
 
 if TYPE_CHECKING:
     from napari_medseg.engine.segmenter import Segmenter
@@ -173,6 +174,7 @@ class VolumeData:
         preset: Intensity preset used for every volume.
         switch: Regional-switch options; ``switch_prob`` = 0 turns the switch off.
         switch_prob: Share of atlas patches made by the switch.
+        spatial: Random rotation/zoom of patches (``prob`` = 0: straight crops).
         unlabeled_per_batch: Unlabeled patches per batch.
         strength: Intensity augmentation strength (0: none).
         fg_prob: Probability that a patch is centred on a labeled voxel.
@@ -188,6 +190,7 @@ class VolumeData:
     preset: IntensityPreset
     switch: SwitchOptions = field(default_factory=SwitchOptions)
     switch_prob: float = 0.8
+    spatial: SpatialOptions = field(default_factory=lambda: SpatialOptions(prob=0.0))
     unlabeled_per_batch: int = 1
     strength: float = 1.0
     fg_prob: float = 0.5
@@ -300,6 +303,11 @@ class VolumeData:
                 self_prob=float(cfg["switch_self_prob"]),
             ),
             switch_prob=float(cfg["switch_prob"]) if cfg.get("use_switch", True) else 0.0,
+            spatial=SpatialOptions(
+                prob=float(cfg.get("spatial_prob", 0.0)) if options.augment != "none" else 0.0,
+                rotate_inplane=float(cfg.get("spatial_rotate", 180.0)),
+                scale=tuple(cfg.get("spatial_scale", (0.7, 1.4))),  # type: ignore[arg-type]
+            ),
             unlabeled_per_batch=int(cfg["unlabeled_per_batch"]) if free else 0,
             strength={"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}[options.augment],
             note=note,
@@ -330,13 +338,34 @@ class VolumeData:
                 return [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre, patch, shape)]
         return [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch)]
 
+    def _read(
+        self,
+        volume: np.ndarray,
+        label: np.ndarray | None,
+        start: Sequence[int],
+        matrix: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The patch at ``start``: a straight crop, or read through ``matrix`` about its centre."""
+        patch = self.plan.patch
+        if matrix is None:
+            return crop(volume, start, patch), None if label is None else crop(label, start, patch)
+        centre = [s + (p - 1) / 2.0 for s, p in zip(start, patch)]
+        return warp_patch(volume, label, centre, patch, self.plan.target_spacing, matrix)
+
+    def _matrix(self, rng: np.random.Generator) -> np.ndarray | None:
+        if self.spatial.prob <= 0 or rng.random() >= self.spatial.prob:
+            return None
+        return random_matrix(self.plan.target_spacing, rng, self.spatial)
+
     def _atlas_patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         i = self._indices[int(rng.integers(len(self._indices)))]
         img, lab = self.atlases[i]
         start = self._start(lab.shape, rng, lab)
-        a = (crop(img, start, self.plan.patch), crop(lab, start, self.plan.patch))
+        # One rotation/zoom for both sources, so switched regions still roughly correspond.
+        matrix = self._matrix(rng)
+        a = self._read(img, lab, start, matrix)
         if rng.random() >= self.switch_prob:
-            return a
+            return a  # type: ignore[return-value]
         b = None
         if len(self.atlases) > 1:
             j = int(rng.choice([n for n in range(len(self.atlases)) if n != i]))
@@ -344,8 +373,8 @@ class VolumeData:
             # Same *relative* position: roughly corresponding anatomy in unregistered atlases.
             rel = [s / max(1, n - p) for s, n, p in zip(start, lab.shape, self.plan.patch)]
             bstart = [int(round(r * (n - p))) for r, n, p in zip(rel, blab.shape, self.plan.patch)]
-            b = (crop(bimg, bstart, self.plan.patch), crop(blab, bstart, self.plan.patch))
-        image, label, _ = random_switch(a, b, rng, self.switch)
+            b = self._read(bimg, blab, bstart, matrix)
+        image, label, _ = random_switch(a, b, rng, self.switch)  # type: ignore[arg-type]
         return image, label
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
@@ -371,7 +400,7 @@ class VolumeData:
             u1, u2 = [], []
             for _ in range(self.unlabeled_per_batch):
                 vol = self.unlabeled[int(rng.integers(len(self.unlabeled)))]
-                patch = crop(vol, self._start(vol.shape[1:], rng, None), self.plan.patch)
+                patch = self._read(vol, None, self._start(vol.shape[1:], rng, None), self._matrix(rng))[0]
                 u1.append(intensity_view(patch, rng, self.strength))
                 u2.append(intensity_view(patch, rng, max(self.strength, 0.5)))
             out["u_image"], out["u_image2"] = torch.from_numpy(np.stack(u1)), torch.from_numpy(np.stack(u2))

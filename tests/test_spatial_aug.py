@@ -1,0 +1,77 @@
+"""3-D patch warping (rotation/zoom) and connected-component post-processing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from napari_medseg.engine.components import keep_largest, single_piece_classes
+from napari_medseg.engine.train.spatial_aug import SpatialOptions, _rot, random_matrix, warp_patch
+
+
+def _blocky(seed: int, shape=(12, 40, 40), block=4):
+    """Labels constant on block³ cubes and an image coding them (0.1 * label)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 4, [math.ceil(n / block) for n in shape])
+    lab = np.kron(small, np.ones((block,) * 3, dtype=np.int64))[: shape[0], : shape[1], : shape[2]]
+    return (0.1 * lab)[None].astype(np.float32), lab
+
+
+def test_identity_matrix_is_a_plain_crop() -> None:
+    img, lab = _blocky(0)
+    start, patch = (2, 5, 7), (8, 16, 20)
+    centre = [s + (p - 1) / 2 for s, p in zip(start, patch)]
+    out, olab = warp_patch(img, lab, centre, patch, (10.0, 1.5, 1.5), np.eye(3))
+    sl = tuple(slice(s, s + p) for s, p in zip(start, patch))
+    np.testing.assert_allclose(out[0], img[0][sl], atol=1e-5)
+    np.testing.assert_array_equal(olab, lab[sl])
+
+
+def test_quarter_turn_in_plane_is_rot90() -> None:
+    img, lab = _blocky(1)
+    out, olab = warp_patch(img, lab, [6, 20, 20], (3, 9, 9), (10.0, 1.5, 1.5), _rot(0, math.pi / 2))
+    ref = img[0, 5:8, 16:25, 16:25]
+    np.testing.assert_allclose(out[0], np.rot90(ref, -1, axes=(1, 2)), atol=1e-5)
+    np.testing.assert_array_equal(olab, np.rot90(lab[5:8, 16:25, 16:25], -1, axes=(1, 2)))
+    assert not np.allclose(out[0], ref)
+
+
+def test_random_warp_keeps_labels_on_their_image() -> None:
+    img, lab = _blocky(2, (16, 48, 48))
+    rng = np.random.default_rng(0)
+    opts = SpatialOptions(rotate_3d=30.0)
+    for spacing in [(10.0, 1.5, 1.5), (1.0, 1.0, 1.0)]:
+        m = random_matrix(spacing, rng, opts)
+        out, olab = warp_patch(img, lab, [8, 24, 24], (8, 24, 24), spacing, m)
+        decoded = np.round(out[0] / 0.1).astype(int)
+        # Trilinear image vs nearest labels differ only near block borders.
+        assert (decoded == olab).mean() > 0.75  # misaligned: about 0.3
+        assert set(np.unique(olab)) <= {0, 1, 2, 3}
+
+
+def test_anisotropic_volumes_rotate_in_plane_only() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        m = random_matrix((10.0, 1.5, 1.5), rng, SpatialOptions())
+        zoom = 1.0 / abs(m[0, 0])
+        assert 0.7 - 1e-9 <= zoom <= 1.4 + 1e-9
+        np.testing.assert_allclose(m[0, 1:], 0.0)
+        np.testing.assert_allclose(m[1:, 0], 0.0)
+    m = random_matrix((1.0, 1.0, 1.0), rng, SpatialOptions(scale=(1.0, 1.0)))
+    assert abs(m[0, 1]) + abs(m[0, 2]) > 1e-3  # isotropic: tilted out of plane too
+    np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-9)  # a pure rotation without zoom
+
+
+def test_keep_largest_and_single_piece_rule() -> None:
+    lab = np.zeros((6, 20, 20), np.int32)
+    lab[1:5, 2:10, 2:10] = 1  # class 1: one big piece ...
+    lab[2, 16:18, 16:18] = 1  # ... and a stray blob
+    lab[1:3, 12:15, 2:5] = 2  # class 2: two similar pieces
+    lab[3:5, 12:15, 15:18] = 2
+    assert single_piece_classes([lab], 3) == [1]  # a 4-voxel stray blob is tolerated (< 5 %)
+    assert single_piece_classes([lab], 4, share=0.99) == []  # class 3 absent, 2 in two pieces
+    out = keep_largest(lab, [1])
+    assert (out[2, 16:18, 16:18] == 0).all() and (out[1:5, 2:10, 2:10] == 1).all()
+    np.testing.assert_array_equal(out == 2, lab == 2)  # other classes untouched
+    np.testing.assert_array_equal(lab[2, 16, 16], 1)  # input not modified
