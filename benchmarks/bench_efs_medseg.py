@@ -135,7 +135,13 @@ def run_one(
                 tta_scores.setdefault(c, []).append(d)
             seg.config["tta"] = turns
     infer_s /= max(1, len(test))
-    row: dict[str, Any] = {"dataset": ds, "variant": variant, "steps": steps, "options": extra or {}, "augment": augment}
+    row: dict[str, Any] = {
+        "dataset": ds,
+        "variant": variant,
+        "steps": steps,
+        "options": extra or {},
+        "augment": augment,
+    }
     for c, v in sorted(per.items()):
         row[CLASSES[ds][c - 1]] = float(np.mean(v))
     row["mean_dice"] = float(np.mean([row[n] for n in CLASSES[ds] if n in row]))
@@ -143,6 +149,7 @@ def run_one(
     if tta_scores:
         row[f"mean_dice_tta{tta}"] = float(np.mean([np.mean(v) for v in tta_scores.values()]))
     row["single_piece_classes"] = seg.config.get("single_piece_classes")
+    row["tta_turns"] = seg.config.get("tta_turns")  # what tta="auto" resolved to (mean_dice uses it)
     row["per_volume"] = per_volume
     if save_dir:
         row["checkpoint"] = str(seg.save(Path(save_dir) / f"efs_{ds}_{variant}_{steps}.safetensors"))
@@ -181,7 +188,23 @@ def main() -> None:
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.child:
         ds, variant = args.child.split(":")
-        print("RESULT " + json.dumps(run_one(ds, variant, args.steps, args.quick, args.scale, args.save_dir, extra, args.tta, args.augment)), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                run_one(
+                    ds,
+                    variant,
+                    args.steps,
+                    args.quick,
+                    args.scale,
+                    args.save_dir,
+                    extra,
+                    args.tta,
+                    args.augment,
+                )
+            ),
+            flush=True,
+        )
         return
     steps = args.steps or (40 if args.quick else 1500)
     variants = args.variants.split(",") if args.variants else (["full"] if args.quick else list(VARIANTS))

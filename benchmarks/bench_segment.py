@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def main() -> None:
             if hasattr(seg, "config") and "working_size" in seg.config:
                 seg.config["working_size"] = size if card.name != "hf-sam" else seg.config["working_size"]
 
-            def run() -> None:
+            def run(seg: Any = seg, image: np.ndarray = image) -> None:  # bind this iteration's
                 seg.segment(image, allow_untrained=True)
 
             try:

@@ -255,6 +255,7 @@ def test_anisotropic_volume_returns_its_own_shape(tmp_path) -> None:
         assert {"recon", "kl", "contrast", "ce", "dice"} <= set(p.terms)
     assert seg.config["target_spacing"] == [2.0, 1.0, 1.0]
     assert seg.config["single_piece_classes"] == [1, 2]  # shell and core: one piece each
+    assert seg.config["tta"] == "auto" and seg.config["tta_turns"] == 1  # ±30° tilts: no quarter turns
     img, _ = phantom(5, (7, 29, 41), zscale=3.0)
     out = seg.segment(img, spacing=(3.0, 0.8, 1.1))  # resampled to (10.5, 23.2, 45.1) inside
     assert out.shape == img.shape and out.dtype == np.int32
@@ -270,3 +271,35 @@ def test_pseudo_label_term_without_contrast() -> None:
     terms = records[-1].terms
     assert "pseudo" in terms and "contrast" not in terms
     assert np.isfinite(terms["pseudo"]) and terms["pseudo"] > 0  # threshold 0: every voxel counts
+
+
+@pytest.mark.parametrize(("augment", "turns"), [("default", 4), ("none", 1)])
+def test_auto_tta_follows_training_rotations(augment: str, turns: int) -> None:
+    seg = nms.load_model("efs-medseg", **TINY)
+    atlas, lab = phantom(0)
+    for _ in seg.finetune([atlas], [lab], steps=1, spacing=(5.0, 1.0, 1.0), augment=augment):
+        pass
+    assert seg.config["tta_turns"] == turns  # anisotropic data is turned ±180° in plane unless augment is off
+
+
+def test_tta_averages_quarter_turns_with_monotonic_progress() -> None:
+    from napari_medseg.engine.runner import drain
+
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", **TINY, tta=4)
+    seg.module.eval()
+    x = torch.from_numpy(phantom(0, (8, 24, 20))[0] / 100.0)[None]
+    gen = seg._tta_logits(x)
+    done = []
+    try:
+        while True:
+            done.append(next(gen).done)
+    except StopIteration as stop:
+        avg = stop.value
+    assert done == sorted(done) and len(done) >= 4
+    manual = sum(
+        torch.rot90(drain(seg.volume_logits(torch.rot90(x, t, dims=(2, 3)))), -t, dims=(2, 3))
+        for t in range(4)
+    )
+    torch.testing.assert_close(avg, manual / 4, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(avg, drain(seg.volume_logits(x)), atol=1e-4)  # the turns matter

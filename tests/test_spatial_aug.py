@@ -63,6 +63,13 @@ def test_anisotropic_volumes_rotate_in_plane_only() -> None:
     np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-9)  # a pure rotation without zoom
 
 
+def test_quarter_turn_tta_only_where_training_turns_that_far() -> None:
+    assert SpatialOptions().covers_quarter_turns((10.0, 1.5, 1.5))  # ACDC-like: ±180° in plane
+    assert not SpatialOptions().covers_quarter_turns((1.0, 1.0, 1.0))  # LA-like: ±30° per axis
+    assert not SpatialOptions(rotate_inplane=45.0).covers_quarter_turns((10.0, 1.5, 1.5))
+    assert not SpatialOptions(prob=0.0).covers_quarter_turns((10.0, 1.5, 1.5))
+
+
 def test_keep_largest_and_single_piece_rule() -> None:
     lab = np.zeros((6, 20, 20), np.int32)
     lab[1:5, 2:10, 2:10] = 1  # class 1: one big piece ...

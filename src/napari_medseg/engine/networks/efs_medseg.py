@@ -85,7 +85,10 @@ class EfsMedSeg(Segmenter):
             "pools": None,
             "spacing": None,  # default spacing of input volumes when segment() gets none
             "overlap": 0.25,
-            "tta": 1,  # in-plane quarter turns averaged at inference (1 = off, 2 or 4)
+            # In-plane quarter turns averaged at inference (1 = off, 2 or 4). "auto": 4 when
+            # training rotated patches in plane by 90° or more (anisotropic data), else 1.
+            "tta": "auto",
+            "tta_turns": None,  # what "auto" resolved to, set by training
             "batch_size": 2,
             "max_classes": 16,
             # The three components, each switchable (ablations).
@@ -175,9 +178,11 @@ class EfsMedSeg(Segmenter):
         """Logits averaged over ``config["tta"]`` in-plane quarter turns of a (C, Z, Y, X) volume.
 
         Quarter turns are exact only when the two in-plane spacings are equal, so other volumes
-        run once. Training rotates patches in plane, so every turn is a view the model knows.
+        run once. "auto" uses the turns training resolved (``tta_turns``): only a model trained
+        with in-plane rotations of 90° and more knows every turned view.
         """
-        turns = max(1, int(self.config.get("tta", 1)))
+        tta = self.config.get("tta", 1)
+        turns = max(1, int((self.config.get("tta_turns") or 1) if tta == "auto" else tta))
         ts = self.config.get("target_spacing") or (1.0, 1.0, 1.0)
         if abs(float(ts[1]) - float(ts[2])) > 1e-6 * float(ts[1]):
             turns = 1
@@ -283,7 +288,8 @@ class EfsMedSeg(Segmenter):
             "batch_size": 2,
             "weight_decay": 1e-4,
             "grad_clip": 12.0,
-            "augment": "default",
+            # Strong intensity views: held-out ACDC 0.584 vs 0.546 with "default" (1500 steps).
+            "augment": "strong",
         }
 
     def make_train_data(self, images: Any, labels: Any, unlabeled: Any, options: Any) -> Any:
@@ -303,6 +309,7 @@ class EfsMedSeg(Segmenter):
             patch_size=list(plan.patch),
             pools=pools,
             single_piece_classes=single_piece_classes([lab for _, lab in data.atlases], data.num_classes),
+            tta_turns=4 if data.spatial.covers_quarter_turns(plan.target_spacing) else 1,
         )
         if rebuild:
             self.module = self.build_module().to(self.device)

