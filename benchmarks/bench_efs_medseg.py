@@ -3,6 +3,7 @@
     python benchmarks/bench_efs_medseg.py [--quick] [--datasets acdc,la2018]
         [--variants full,no_switch,no_vae,no_contrast,no_spatial]
         [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
+        [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS]
 
 For each dataset: two labeled volumes (atlases), four unlabeled volumes, per-class Dice on the
 remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
@@ -54,42 +55,44 @@ def load(ds: str, stem: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float
     return vol, lab, spacing  # type: ignore[return-value]
 
 
-def split(ds: str, quick: bool) -> tuple[list[str], list[str], list[str]]:
-    """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases)."""
+def split(ds: str, quick: bool, n_atlases: int = 2) -> tuple[list[str], list[str], list[str]]:
+    """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases).
+
+    The test set does not depend on ``n_atlases`` (2 or 3): a third atlas is taken from the
+    volumes that are otherwise unlabeled (ACDC: patient 028's ED frame, an HCM heart).
+    """
     rows = list(csv.DictReader(open(DATA / ds / "cases.csv")))
     stems = [r["stem"] for r in rows]
     if ds == "acdc":
         pats = sorted({r["patient"] for r in rows})
         by = {p: [r["stem"] for r in rows if r["patient"] == p] for p in pats}
-        atlases = [by[pats[0]][0], by[pats[1]][0]]
-        unlabeled = by[pats[2]] + by[pats[3]]
+        atlases = [by[p][0] for p in pats[:n_atlases]]
+        unlabeled = [s for s in by[pats[2]] + by[pats[3]] if s not in atlases]
         test = [s for p in pats[4:] for s in by[p]]
     else:
-        atlases, unlabeled, test = stems[:2], stems[2:6], stems[6:]
+        atlases, unlabeled, test = stems[:n_atlases], stems[n_atlases:6], stems[6:]
     return atlases, unlabeled, test[:4] if quick else test
 
 
-def run_one(
-    ds: str,
-    variant: str,
-    steps: int,
-    quick: bool,
-    scale: str,
-    save_dir: str = "",
-    extra: dict[str, Any] | None = None,
-    tta: int = 1,
-    augment: str = "",
-) -> dict[str, Any]:
+def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     """Train one variant and evaluate it (runs inside the child process)."""
     import torch
 
     import napari_medseg as nms
     from napari_medseg.engine.metrics import dice_per_class
 
-    atl, unl, test = split(ds, quick)
+    steps, quick, scale, save_dir, tta, augment = (
+        args.steps,
+        args.quick,
+        args.scale,
+        args.save_dir,
+        args.tta,
+        args.augment,
+    )
+    atl, unl, test = split(ds, quick, args.atlases)
     a = [load(ds, s) for s in atl]
     u = [load(ds, s) for s in unl]
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     seg = nms.load_model("efs-medseg", device="cpu", scale=scale, **{**VARIANTS[variant], **(extra or {})})
     t0 = time.perf_counter()
     last = None
@@ -98,6 +101,7 @@ def run_one(
         [x[1] for x in a],
         unlabeled=[x[0] for x in u],
         steps=steps,
+        seed=args.seed,
         spacing=[x[2] for x in a],
         unlabeled_spacing=[x[2] for x in u],
         class_names=CLASSES[ds],
@@ -140,6 +144,7 @@ def run_one(
         "variant": variant,
         "steps": steps,
         "options": extra or {},
+        "seed": args.seed,
         "augment": augment,
     }
     for c, v in sorted(per.items()):
@@ -183,28 +188,14 @@ def main() -> None:
     ap.add_argument("--augment", default="", help="augmentation preset (default: the network's)")
     ap.add_argument("--tta", type=int, default=4, help="also score with this many quarter turns")
     ap.add_argument("--save-dir", default="", help="also save each trained model here")
+    ap.add_argument("--atlases", type=int, default=2, help="labeled volumes (2 or 3)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.child:
         ds, variant = args.child.split(":")
-        print(
-            "RESULT "
-            + json.dumps(
-                run_one(
-                    ds,
-                    variant,
-                    args.steps,
-                    args.quick,
-                    args.scale,
-                    args.save_dir,
-                    extra,
-                    args.tta,
-                    args.augment,
-                )
-            ),
-            flush=True,
-        )
+        print("RESULT " + json.dumps(run_one(ds, variant, args, extra)), flush=True)
         return
     steps = args.steps or (40 if args.quick else 1500)
     variants = args.variants.split(",") if args.variants else (["full"] if args.quick else list(VARIANTS))
@@ -225,6 +216,7 @@ def main() -> None:
             cmd += ["--save-dir", args.save_dir] if args.save_dir else []
             cmd += [a for kv in args.set for a in ("--set", kv)] + ["--tta", str(args.tta)]
             cmd += ["--augment", args.augment] if args.augment else []
+            cmd += ["--atlases", str(args.atlases), "--seed", str(args.seed)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
