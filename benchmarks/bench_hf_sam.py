@@ -140,8 +140,8 @@ def speed(seg, repeat: int) -> list[dict]:
 def precision(repeat: int, per_dataset: int) -> list[dict]:
     """Encoder in float32 vs bfloat16 autocast: embedding time and box-prompt Dice.
 
-    Dice against the ground truth of the first ``per_dataset`` cases (by name) of Kvasir-SEG and
-    BUSI, plus the agreement between the two precisions' masks.
+    Dice against the ground truth of the first ``per_dataset`` cases (by name) of Kvasir-SEG,
+    BUSI, PH² and CVC-ClinicDB, plus the agreement between the two precisions' masks.
     """
     fp32 = nms.load_model("hf-sam", device="cpu")
     bf16 = nms.load_model("hf-sam", device="cpu", encoder_precision="bf16")
@@ -158,7 +158,7 @@ def precision(repeat: int, per_dataset: int) -> list[dict]:
             "ratio": t32["median_s"] / t16["median_s"],
         }
     )
-    for ds in ("kvasir_seg", "busi"):
+    for ds in ("kvasir_seg", "busi", "ph2", "cvc_clinicdb"):
         if not (DATA / ds).is_dir():
             continue
         d32, d16, agree = [], [], []

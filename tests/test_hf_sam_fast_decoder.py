@@ -63,6 +63,11 @@ def test_two_way_and_upscaling_match_sam(batch):
         up = fast.upscale(decoder.output_upscaling, x)
         assert up.shape == (batch, 32, 64, 64)
         torch.testing.assert_close(up, decoder.output_upscaling(x), atol=1e-5, rtol=1e-5)
+        # Masks taken before the last pixel shuffle equal the masks of the shuffled features.
+        hyper = torch.randn(batch, 3, 32)
+        pre = fast.masks_unshuffled(fast.upscale(decoder.output_upscaling, x, shuffle=False), hyper)
+        ref = (hyper @ up.reshape(batch, 32, -1)).view(batch, 3, 64, 64)
+        torch.testing.assert_close(pre, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cached_image_side_is_reused_and_invalidated():
@@ -110,7 +115,7 @@ def test_bf16_encoder_option_close_to_fp32_and_keyed_separately():
 
     tiny_vit = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 2}
     opts = {"weights": "none", "input_size": 64, "vit_overrides": tiny_vit, "seed": 0}
-    fp32 = HFSAMSegmenter(device="cpu", **opts)
+    fp32 = HFSAMSegmenter(device="cpu", encoder_precision="fp32", **opts)
     bf16 = HFSAMSegmenter(device="cpu", encoder_precision="bf16", **opts)
     x = fp32.module.preprocess(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
@@ -121,3 +126,24 @@ def test_bf16_encoder_option_close_to_fp32_and_keyed_separately():
     assert fp32.prompt_cache_key() != bf16.prompt_cache_key()
     with pytest.raises(ValueError, match="encoder_precision"):
         HFSAMSegmenter(device="cpu", encoder_precision="fp8", **opts)
+
+
+def test_auto_encoder_precision_is_bf16_only_on_native_bf16_cpus(monkeypatch):
+    from napari_medseg.engine.networks import hf_sam
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(hf_sam, "cpu_has_native_bf16", lambda: True)
+    assert hf_sam.resolve_encoder_precision("auto", cpu) == "bf16"
+    assert hf_sam.resolve_encoder_precision("auto", cuda) == "fp32"  # GPUs keep exact embeddings
+    assert hf_sam.resolve_encoder_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(hf_sam, "cpu_has_native_bf16", lambda: False)
+    assert hf_sam.resolve_encoder_precision("auto", cpu) == "fp32"  # emulated bf16 would be slower
+    assert hf_sam.resolve_encoder_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+    monkeypatch.undo()
+    from napari_medseg.engine.device import cpu_has_native_bf16
+
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    # The default model follows the rule on this machine.
+    tiny_vit = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 2}
+    seg = hf_sam.HFSAMSegmenter(device="cpu", weights="none", input_size=64, seed=0, vit_overrides=tiny_vit)
+    assert seg.module.encoder_precision == expected

@@ -125,7 +125,7 @@ def run_transformer(
     dense: torch.Tensor,
     side: fast.ImageSideCache | None = None,
     use_fast: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | fast.Unshuffled]:
     """Two-way transformer with the fusion points, then SAM's upscaling.
 
     With ``use_fast`` (inference only) the same weights run through :mod:`fast_decoder`
@@ -142,7 +142,9 @@ def run_transformer(
         use_fast: Take the fast path (ignored while autograd is on).
 
     Returns:
-        (token outputs (B, T, 256), upscaled image features (B, 32, 4h, 4w)).
+        (token outputs (B, T, 256), upscaled image features (B, 32, 4h, 4w)); on the fast
+        path the features come before their last pixel shuffle (:class:`fast.Unshuffled`),
+        which :func:`masks_from_tokens` accepts.
     """
     b = tokens.shape[0]
     c, h, w = image_embedding.shape[1:]
@@ -162,13 +164,17 @@ def run_transformer(
     if head.fusion_post is not None and f_low is not None:
         out = head.fusion_post(out, f_low)
     if use_fast and fast.is_standard(decoder.output_upscaling):
-        return hs, fast.upscale(decoder.output_upscaling, out)
+        return hs, fast.upscale(decoder.output_upscaling, out, shuffle=False)
     return hs, decoder.output_upscaling(out)
 
 
-def masks_from_tokens(token_out: torch.Tensor, mlps: nn.ModuleList, upscaled: torch.Tensor) -> torch.Tensor:
+def masks_from_tokens(
+    token_out: torch.Tensor, mlps: nn.ModuleList, upscaled: torch.Tensor | fast.Unshuffled
+) -> torch.Tensor:
     """Hypernetwork masks: (B, M, 256) tokens, M MLPs, (B, 32, H, W) → (B, M, H, W) logits."""
     hyper = torch.stack([mlp(token_out[:, i]) for i, mlp in enumerate(mlps)], 1)
+    if isinstance(upscaled, fast.Unshuffled):
+        return fast.masks_unshuffled(upscaled, hyper)
     b, c, h, w = upscaled.shape
     if upscaled.is_contiguous():
         return (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)

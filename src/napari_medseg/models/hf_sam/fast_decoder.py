@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +164,7 @@ def image_to_tokens(
     a = torch.softmax(scores * scale, dim=2).reshape(b, n * t, -1)  # (B, H·T, N)
     wo = attn.out_proj.weight.view(-1, n, d).permute(1, 2, 0)  # (H, d, C)
     p = (vh @ wo).reshape(b, n * t, -1)  # (B, H·T, C)
-    return a.transpose(1, 2) @ p + attn.out_proj.bias
+    return torch.baddbmm(attn.out_proj.bias, a.transpose(1, 2), p)
 
 
 def image_side(transformer: TwoWayTransformer, src: torch.Tensor, image_pe: torch.Tensor) -> ImageSideCache:
@@ -213,7 +214,8 @@ def _block(
     q = queries + query_pe
     qh = first.q_i2t if first is not None else None
     out = image_to_tokens(layer.cross_attn_image_to_token, keys_pe, q, queries, q_heads=qh)
-    keys = layer.norm4(keys + out)
+    out += keys  # out is fresh: adding in place spares an (N, C) allocation per block
+    keys = layer.norm4(out)
     return queries, keys
 
 
@@ -244,38 +246,88 @@ def two_way(
     return transformer.norm_final_attn(queries + attn_out), keys
 
 
-def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """Stride-2 2×2 ConvTranspose2d as a per-pixel matmul + pixel shuffle.
+def _deconv2x2_pixels(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """Stride-2 2×2 ConvTranspose2d as one per-pixel matmul, before the pixel shuffle.
 
     Args:
         x: (B, h, w, C_in) channels-last features.
 
     Returns:
-        (B, 2h, 2w, C_out) channels-last.
+        (B, h, w, 2, 2, C_out): output pixel (2y + ky, 2x + kx) sits at [:, y, x, ky, kx].
     """
     b, h, w, c = x.shape
-    wgt = conv.weight  # (C_in, C_out, 2, 2)
-    o = wgt.shape[1]
-    y = x.reshape(b * h * w, c) @ wgt.permute(0, 2, 3, 1).reshape(c, 4 * o)  # (.., (ky, kx, o))
-    y = y.view(b, h, w, 2, 2, o).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
-    return y + conv.bias if conv.bias is not None else y
+    o = conv.weight.shape[1]  # weight: (C_in, C_out, 2, 2)
+    wgt = conv.weight.permute(0, 2, 3, 1).reshape(c, 4 * o)  # columns ordered (ky, kx, o)
+    flat = x.reshape(b * h * w, c)
+    y = flat @ wgt
+    if conv.bias is not None:
+        y += conv.bias.repeat(4)  # in place: no second copy of the largest tensor of the decode
+    return y.view(b, h, w, 2, 2, o)
 
 
-def upscale(upscaling: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def _act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, in place for GELU (``x`` is a fresh intermediate of the inference path)."""
+    if isinstance(act, nn.GELU):
+        return torch._C._nn.gelu_(x, approximate=act.approximate)
+    return act(x)
+
+
+def _shuffle(y: torch.Tensor) -> torch.Tensor:
+    """(B, h, w, 2, 2, C) from :func:`_deconv2x2_pixels` → (B, 2h, 2w, C) channels-last."""
+    b, h, w, _, _, o = y.shape
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
+
+
+class Unshuffled(NamedTuple):
+    """SAM's upscaled features before the last pixel shuffle (fast path only).
+
+    The masks are dot products of each pixel's 32 features with a hypernetwork vector, so they
+    can be taken before the shuffle and only the (B, M, H, W) masks are reordered, not the
+    8× larger (B, 32, H, W) features (:func:`masks_unshuffled`).
+
+    Attributes:
+        pixels: (B, H/2, W/2, 2, 2, 32).
+    """
+
+    pixels: torch.Tensor
+
+
+def upscale(upscaling: nn.Sequential, x: torch.Tensor, shuffle: bool = True) -> torch.Tensor | Unshuffled:
     """SAM's ``output_upscaling`` (deconv → LayerNorm2d → GELU → deconv → GELU).
 
     Args:
         x: (B, C, h, w) transformer output.
+        shuffle: Return the features as ``upscaling(x)`` does; ``False`` returns them before
+            the last pixel shuffle (:class:`Unshuffled`), for :func:`masks_unshuffled`.
 
     Returns:
-        (B, C/8, 4h, 4w), like ``upscaling(x)``.
+        (B, C/8, 4h, 4w), like ``upscaling(x)``, or :class:`Unshuffled`.
     """
     conv1, norm, act1, conv2, act2 = upscaling
-    y = _deconv2x2(x.permute(0, 2, 3, 1), conv1)
+    y = _shuffle(_deconv2x2_pixels(x.permute(0, 2, 3, 1), conv1))
     # LayerNorm2d normalises over channels: the last axis here.
     y = F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps)
-    y = act2(_deconv2x2(act1(y), conv2))
-    return y.permute(0, 3, 1, 2)
+    y = _act_(act2, _deconv2x2_pixels(_act_(act1, y), conv2))
+    if not shuffle:
+        return Unshuffled(y)
+    return _shuffle(y).permute(0, 3, 1, 2)
+
+
+def masks_unshuffled(up: Unshuffled, hyper: torch.Tensor) -> torch.Tensor:
+    """Hypernetwork masks from :class:`Unshuffled` features.
+
+    Args:
+        up: Features (B, h, w, 2, 2, C).
+        hyper: (B, M, C) hypernetwork outputs.
+
+    Returns:
+        (B, M, 2h, 2w) logits, equal to the masks of the shuffled features.
+    """
+    y = up.pixels
+    b, h, w, _, _, c = y.shape
+    m = hyper.shape[1]
+    out = y.reshape(b, h * w * 4, c) @ hyper.transpose(1, 2)  # (B, h*w*4, M)
+    return out.view(b, h, w, 2, 2, m).permute(0, 5, 1, 3, 2, 4).reshape(b, m, 2 * h, 2 * w)
 
 
 def is_standard(upscaling: nn.Module) -> bool:
