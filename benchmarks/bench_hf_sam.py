@@ -293,7 +293,16 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
             ):
                 last = record
             took = time.perf_counter() - t0
+            # Prompt-free as users get it (refine="boxes": each piece's box re-prompts the
+            # decoder) and the raw prompt-free head (refine="off").
+            t1 = time.perf_counter()
             free = statistics.mean(dice(seg.segment(im) > 0, m) for im, m in test)
+            free_s = (time.perf_counter() - t1) / len(test)
+            seg.config["refine"] = "off"
+            t1 = time.perf_counter()
+            free_raw = statistics.mean(dice(seg.segment(im) > 0, m) for im, m in test)
+            free_raw_s = (time.perf_counter() - t1) / len(test)
+            seg.config["refine"] = "boxes"
             boxed = statistics.mean(dice(seg.prompt(im).predict(box=mask_box(m)), m) for im, m in test)
             # Prompts may fall back to the base model (prompt_weights="auto"); also score the
             # fine-tuned weights' own prompting, for the record.
@@ -308,6 +317,9 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
                     "steps": steps,
                     "train (s)": took,
                     "prompt-free Dice": free,
+                    "prompt-free Dice, refine off": free_raw,
+                    "prompt-free s/image": free_s,
+                    "prompt-free s/image, refine off": free_raw_s,
                     "box Dice (fine-tuned)": boxed,
                     "prompts from": "base" if from_base else "fine-tuned",
                     "bf16 training": bool(seg.train_defaults().get("cpu_amp", False)),

@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["ph2", "busi", "kvasir_seg"])
     ap.add_argument("--modes", nargs="+", default=["paper", "released"])
     ap.add_argument("--n", type=int, default=20, help="images per dataset")
-    ap.add_argument("--working-size", type=int, default=256)
+    ap.add_argument("--working-size", type=int, default=0, help="0: the default (paper 128, released 256)")
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=OUT)

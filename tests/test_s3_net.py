@@ -280,3 +280,14 @@ def test_scores() -> None:
     lab2 = lab.copy()
     lab2[0:2, :] = 2
     assert gt_cropped_dice(lab2, gt) > best_cluster(lab2, gt)[1]
+
+
+def test_default_working_size_follows_the_mode():
+    paper = nms.load_model("s3-net", device="cpu", channels=8)
+    released = nms.load_model("s3-net", device="cpu", channels=8, mode="released")
+    assert (paper.working_size, released.working_size) == (128, 256)  # released: the notebook's 256²
+    assert nms.load_model("s3-net", device="cpu", channels=8, working_size=96).working_size == 96
+    # The working size reaches the optimisation: a 300×200 image runs at 128×85 in paper mode.
+    x = torch.rand(1, 3, 300, 200)
+    assert tuple(paper._working_input(x).shape[2:]) == (128, 85)
+    assert tuple(released._working_input(x).shape[2:]) == (256, 256)

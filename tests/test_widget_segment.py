@@ -230,3 +230,26 @@ def test_keep_clusters_under_clicked_points(viewer_widget, clusters_network, qtb
     np.testing.assert_array_equal(out.data > 0, clusters == 1)
     np.testing.assert_allclose(out.translate, (2.0, 3.0))
     np.testing.assert_array_equal(lab.data, clusters)  # user layer untouched
+
+
+def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(viewer_widget, qtbot):
+    from test_hf_sam import disc_image, finetune_disc, tiny
+
+    img, _ = disc_image()
+    viewer, w, _ = viewer_widget(data=img.astype(np.float32))
+    assert w.refine.isHidden()  # the toy network has no box refinement
+    seg = tiny("sam_vit_b", lora_rank=2)
+    finetune_disc(seg, steps=2, lr=1e-2)
+    entry = session_models(viewer).add("hf-sam", seg, label="img")
+    w.select_network(entry.name)
+    assert not w.refine.isHidden() and w.refine.isChecked()
+    w.refine.setChecked(False)
+    w.run()
+    wait_idle(qtbot, w)
+    out = viewer.layers[f"img [{entry.name}]"]
+    assert seg.config["refine"] == "boxes"  # the session model keeps its own setting
+    raw = seg.segment(img)
+    seg.config["refine"] = "off"
+    np.testing.assert_array_equal(out.data, seg.segment(img))
+    seg.config["refine"] = "boxes"
+    assert not np.array_equal(raw, out.data)  # unticking really skipped the refinement

@@ -168,7 +168,20 @@ class Segmenter:
             self.device,
             batch_size=int(self.config.get("batch_size", 4)),
         )
-        return labels.reshape(prep.spatial_shape)
+        return (yield from self.iter_refine(labels.reshape(prep.spatial_shape), image, channel_axis))
+
+    def iter_refine(
+        self, labels: np.ndarray, image: np.ndarray, channel_axis: int | None
+    ) -> Generator[Progress, None, np.ndarray]:
+        """Hook after the slice runner: refine ``labels`` (the input's spatial shape).
+
+        The base class returns them as they are; HF-SAM re-prompts its own pieces here.
+
+        Yields:
+            :class:`Progress` records (cancel points) of any extra work.
+        """
+        return labels
+        yield  # pragma: no cover - makes this a generator
 
     def segment(
         self, image: np.ndarray, channel_axis: int | None = None, allow_untrained: bool = False
