@@ -12,7 +12,6 @@ sha256; loading it rebuilds the base and checks the hash.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Generator
@@ -32,7 +31,7 @@ from napari_medseg.engine.networks.hf_sam_base import (
     prompt_note,
     validate_prompts,
 )
-from napari_medseg.engine.networks.hf_sam_refine import refine_slice
+from napari_medseg.engine.networks.hf_sam_refine import iter_refine_labels
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
@@ -237,38 +236,7 @@ class HFSAMSegmenter(Segmenter):
         Returns:
             The refined int32 labels (the same array, changed in place).
         """
-        mode = str(self.config["refine"])
-        if mode not in ("boxes", "off"):
-            raise ValueError(f"refine must be 'boxes' or 'off', got {mode!r}")
-        if mode == "off" or not labels.any():
-            return labels
-        session = self._refine_view().prompt(image, channel_axis)
-        slices = labels.reshape((-1, *session.slice_shape))  # a view: refined in place
-        share = float(self.config["refine_min_share"])
-        for z in range(len(slices)):
-            if slices[z].any():
-
-                def decode(box: tuple[float, float, float, float], z: int = z) -> np.ndarray:
-                    return session.predict_result(Prompts.make(box=box), z).mask
-
-                slices[z] = refine_slice(slices[z], decode, min_share=share)
-            yield Progress(z + 1, len(slices), f"refining slice {z + 1}/{len(slices)}")
-        return labels
-
-    def _refine_view(self) -> HFSAMSegmenter:
-        """The model with the prompt weights that ``refine_weights`` asks for.
-
-        A shallow copy with its own config: it shares the module and weights, and a prompt
-        session open on this model in another widget keeps its own choice.
-        """
-        choice = str(self.config["refine_weights"])
-        if choice not in ("finetuned", "prompts"):
-            raise ValueError(f"refine_weights must be 'finetuned' or 'prompts', got {choice!r}")
-        if choice == "prompts":
-            return self
-        view = copy.copy(self)
-        view.config = {**self.config, "prompt_weights": "finetuned"}
-        return view
+        return (yield from iter_refine_labels(self, labels, image, channel_axis))
 
     # ----------------------------------------------------------------- PromptModel protocol
     @property

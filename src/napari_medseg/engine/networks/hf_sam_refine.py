@@ -13,12 +13,15 @@ Arrays: one 2-D label map (Y, X) of class ids, 0 = background; boxes (y0, x0, y1
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Generator
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from napari_medseg.engine.prompt import mask_box
+from napari_medseg.engine.progress import Progress
+from napari_medseg.engine.prompt import Prompts, mask_box
 
 BoxDecoder = Callable[[tuple[float, float, float, float]], np.ndarray]
 
@@ -66,3 +69,51 @@ def refine_slice(
         out[contested] = c
         claimed |= refined
     return out
+
+
+def refine_view(seg: Any) -> Any:
+    """``seg`` with the prompt weights that its ``refine_weights`` option asks for.
+
+    ``"finetuned"`` gives a shallow copy with its own config: it shares the module and weights,
+    and a prompt session open on ``seg`` in another widget keeps its own choice.
+    """
+    choice = str(seg.config["refine_weights"])
+    if choice not in ("finetuned", "prompts"):
+        raise ValueError(f"refine_weights must be 'finetuned' or 'prompts', got {choice!r}")
+    if choice == "prompts":
+        return seg
+    view = copy.copy(seg)
+    view.config = {**seg.config, "prompt_weights": "finetuned"}
+    return view
+
+
+def iter_refine_labels(
+    seg: Any, labels: np.ndarray, image: np.ndarray, channel_axis: int | None
+) -> Generator[Progress, None, np.ndarray]:
+    """Refine an HF-SAM model's prompt-free ``labels`` slice by slice (``refine`` option).
+
+    Args:
+        seg: The HF-SAM segmenter that produced ``labels``.
+        labels: int labels of ``image``'s spatial shape ((Y, X) or (Z, Y, X)); changed in place.
+        image, channel_axis: What ``seg.segment`` was given.
+
+    Yields:
+        :class:`Progress` per slice (cancel points).
+    """
+    mode = str(seg.config["refine"])
+    if mode not in ("boxes", "off"):
+        raise ValueError(f"refine must be 'boxes' or 'off', got {mode!r}")
+    if mode == "off" or not labels.any():
+        return labels
+    session = refine_view(seg).prompt(image, channel_axis)
+    slices = labels.reshape((-1, *session.slice_shape))  # a view: refined in place
+    share = float(seg.config["refine_min_share"])
+    for z in range(len(slices)):
+        if slices[z].any():
+
+            def decode(box: tuple[float, float, float, float], z: int = z) -> np.ndarray:
+                return session.predict_result(Prompts.make(box=box), z).mask
+
+            slices[z] = refine_slice(slices[z], decode, min_share=share)
+        yield Progress(z + 1, len(slices), f"refining slice {z + 1}/{len(slices)}")
+    return labels
