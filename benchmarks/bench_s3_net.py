@@ -70,7 +70,7 @@ def run_one(mode: str, image: np.ndarray, options: dict) -> tuple[np.ndarray, fl
 def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> dict[str, float]:
     """Seconds per ``paper`` iteration with and without the CPU forms of ``models/s3_ops.py``.
 
-    Both variants run the same seeded optimisation in this process, alternating twice; the first
+    All variants run the same seeded optimisation in this process, alternating twice; the first
     two iterations of each run are warm-up. Returns the medians (and minima) of the rest.
     """
     import napari_medseg.models.s3_net as s3_net_module
@@ -78,16 +78,20 @@ def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> d
 
     fast = (s3_ops.depthwise_conv2d, s3_ops.pointwise_conv2d)
     plain = (lambda conv, x: conv(x), lambda conv, x: conv(x))
-    variants = {
-        "cpu forms + banded deform": (fast, "banded"),
-        "cpu forms + sampling deform": (fast, "sampling"),
-        "nn.Conv2d + sampling deform": (plain, "sampling"),
+    sub_lattice = s3_ops.POLYPHASE_MIN_DILATION
+    variants = {  # (conv forms, deformable conv, smallest dilation run on sub-lattices)
+        "cpu forms + auto deform": (fast, "auto", sub_lattice),
+        "cpu forms, no sub-lattices + auto deform": (fast, "auto", 10**6),
+        "cpu forms + banded deform": (fast, "banded", sub_lattice),
+        "cpu forms + sampling deform": (fast, "sampling", sub_lattice),
+        "nn.Conv2d + sampling deform": (plain, "sampling", sub_lattice),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:
         for _ in range(2):
-            for name, ((dw, pw), deform) in variants.items():
+            for name, ((dw, pw), deform, poly) in variants.items():
                 s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = dw, pw
+                s3_ops.POLYPHASE_MIN_DILATION = poly
                 seg = nms.load_model(
                     "s3-net", device="cpu", working_size=working_size, min_iter=10**6, deform_impl=deform
                 )
@@ -103,6 +107,7 @@ def iteration_ab(image: np.ndarray, working_size: int, iterations: int = 6) -> d
                         break
     finally:
         s3_net_module.depthwise_conv2d, s3_net_module.pointwise_conv2d = fast
+        s3_ops.POLYPHASE_MIN_DILATION = sub_lattice
     out = {f"{k} median (s)": statistics.median(v) for k, v in times.items()}
     return out | {f"{k} min (s)": min(v) for k, v in times.items()}
 

@@ -38,6 +38,19 @@ def test_depthwise_matches_conv2d(k: int, d: int, batch: int, channels_last: boo
     _close(_grads(conv, x, conv, g), _grads(lambda t: s3_ops.depthwise_conv2d(conv, t), x, conv, g))
 
 
+@pytest.mark.parametrize("h,w", [(9, 9), (10, 11), (4, 5)])
+def test_dilated_sub_lattice_form_matches_conv2d(h: int, w: int) -> None:
+    # Dilation 3 runs on the 9 sub-lattices (sizes not multiples of 3 get padded, and a 4×5
+    # image is smaller than the kernel's reach); with and without autograd.
+    torch.manual_seed(h * w)
+    conv = nn.Conv2d(5, 5, 7, padding=9, dilation=3, groups=5)
+    x = torch.randn(2, 5, h, w).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 5, h, w)
+    _close(_grads(conv, x, conv, g), _grads(lambda t: s3_ops.depthwise_conv2d(conv, t), x, conv, g))
+    with torch.no_grad():
+        torch.testing.assert_close(s3_ops.depthwise_conv2d(conv, x), conv(x), rtol=1e-4, atol=1e-5)
+
+
 def test_depthwise_without_bias_and_fallbacks() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)

@@ -21,51 +21,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from napari_medseg.models.s3_ops import deform_conv3x3_banded, depthwise_conv2d, pointwise_conv2d
+from napari_medseg.models.s3_ops import (
+    deform_conv3x3_banded,
+    deform_conv3x3_sampling,
+    depthwise_conv2d,
+    pointwise_conv2d,
+)
 
 MODES = ("paper", "released")
 DEFORM_IMPLS = ("auto", "torchvision", "sampling", "banded")
-
-
-def deform_conv3x3_sampling(
-    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Modulated deformable 3×3 conv (stride 1, padding 1) by bilinear sampling and one matmul.
-
-    Same arithmetic as ``torchvision.ops.deform_conv2d(x, offset, weight, padding=1, mask=mask)``
-    (zero outside the image, offsets laid out (dy, dx) per kernel tap in row-major order), but
-    its CPU backward is several times faster than torchvision's CPU kernel, which dominates an
-    S³-Net iteration on a CPU.
-
-    Args:
-        x: (B, C, H, W) input.
-        offset: (B or 1, 18, H, W) sampling offsets in pixels.
-        weight: (O, C, 3, 3) kernel.
-        mask: (B or 1, 9, H, W) modulation.
-
-    Returns:
-        (B, O, H, W).
-    """
-    b, c, h, w = x.shape
-    o = weight.shape[0]
-    tap = torch.arange(3, device=x.device, dtype=x.dtype) - 1
-    ky, kx = torch.meshgrid(tap, tap, indexing="ij")
-    rows = torch.arange(h, device=x.device, dtype=x.dtype)[None, :, None] + ky.reshape(9, 1, 1)
-    cols = torch.arange(w, device=x.device, dtype=x.dtype)[None, None, :] + kx.reshape(9, 1, 1)
-    off = offset.reshape(offset.shape[0], 9, 2, h, w)
-    py = rows[None] + off[:, :, 0]
-    px = cols[None] + off[:, :, 1]
-    # align_corners=True maps -1/+1 to pixel centres 0 and size-1, i.e. plain pixel coordinates.
-    grid = torch.stack([px * (2.0 / max(w - 1, 1)) - 1.0, py * (2.0 / max(h - 1, 1)) - 1.0], dim=-1)
-    grid = grid.expand(b, -1, -1, -1, -1).reshape(b, 9 * h, w, 2)
-    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    sampled = sampled.reshape(b, c, 9, h, w) * mask.reshape(mask.shape[0], 1, 9, h, w)
-    out = torch.matmul(weight.reshape(o, c * 9), sampled.reshape(b, c * 9, h * w))
-    return out.reshape(b, o, h, w)
 
 
 class InceptionLKA(nn.Module):
