@@ -1,4 +1,4 @@
-"""CPU-friendly forms of S³-Net's 1×1 and depthwise convolutions (same maths, faster backward).
+"""CPU-friendly forms of S³-Net's 1×1, depthwise and deformable convolutions (same maths, faster).
 
 S³-Net optimises a fresh network on every image at full resolution, so an S³-Net run is dominated
 by the *backward* pass of its convolutions on 64-channel maps of the whole image. On a CPU,
@@ -16,7 +16,11 @@ channels-last maps are slow, so this module computes them differently:
   (:func:`_polyphase_depthwise`): pixel (d·a + r, d·b + s) only ever meets pixels of its own
   sub-lattice (r, s), where the dilated kernel is an ordinary dense one. oneDNN's dilated
   7×7 kernels are 3–8× slower than its dense ones on these maps, in the forward and backward;
-* a plain 3×3 depthwise convolution uses PyTorch's own backward, which is fastest for it.
+* a plain 3×3 depthwise convolution uses PyTorch's own backward, which is fastest for it;
+* the modulated deformable 3×3 convolution is bilinear sampling plus matrix products, with the
+  9 kernel taps in the batch axis so that PyTorch's grid sampler (parallel over the batch only)
+  uses every thread (:func:`deform_conv3x3_sampling`), and optionally a band of output rows at
+  a time with a hand-written backward (:func:`deform_conv3x3_banded`).
 
 Results agree with ``nn.Conv2d`` to float rounding (tests compare outputs and every gradient).
 On accelerators the standard convolutions are used.
