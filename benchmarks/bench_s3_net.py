@@ -10,7 +10,7 @@ Per-image wall time and iterations are reported too.
 
 Usage:
     python benchmarks/bench_s3_net.py [--quick] [--datasets ph2 busi kvasir_seg]
-        [--modes paper released] [--n 20] [--working-size 256] [--threads 2]
+        [--modes paper released] [--n 20] [--working-size 256] [--threads 2] [--square 256]
     python benchmarks/bench_s3_net.py --iteration-ab --datasets ph2 --threads 2 \
         --out benchmarks/results/bench_s3_net_iteration.json   # CPU forms (s3_ops) vs before
 
@@ -40,14 +40,20 @@ DATA = Path(os.environ.get("MEDSEG_DATA", "/work/shared/data"))
 OUT = Path(__file__).parent / "results" / "bench_s3_net.json"
 
 
-def cases(dataset: str, n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The first ``n`` (stem, image, mask>0) pairs of a dataset, sorted by file name."""
+def cases(dataset: str, n: int, square: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The first ``n`` (stem, image, mask>0) pairs of a dataset, sorted by file name.
+
+    ``square`` > 0 resizes image (bicubic) and mask (nearest) to ``square``² first, the size
+    the issue's speed target names (a 256² image).
+    """
     root = DATA / dataset
     out = []
     for ip in sorted((root / "images").iterdir())[:n]:
-        image = np.array(Image.open(ip))
-        mask = np.array(Image.open(root / "masks" / ip.name)) > 0
-        out.append((ip.stem, image, mask))
+        img, msk = Image.open(ip), Image.open(root / "masks" / ip.name)
+        if square:
+            img = img.resize((square, square), Image.Resampling.BICUBIC)
+            msk = msk.resize((square, square), Image.Resampling.NEAREST)
+        out.append((ip.stem, np.array(img), np.array(msk) > 0))
     return out
 
 
@@ -120,6 +126,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="images per dataset")
     ap.add_argument("--working-size", type=int, default=0, help="0: the default (paper 128, released 256)")
     ap.add_argument("--max-iter", type=int, default=50)
+    ap.add_argument("--square", type=int, default=0, help="resize every image to N x N first (0 = keep)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument(
@@ -143,7 +150,7 @@ def main() -> None:
 
     rows, per_image = [], []
     for dataset in args.datasets:
-        data = cases(dataset, args.n)
+        data = cases(dataset, args.n, args.square)
         for mode in args.modes:
             scores: dict[str, list[float]] = {
                 k: [] for k in ("best", "centre", "centre_cc", "cropped", "seconds", "iterations", "clusters")

@@ -17,7 +17,7 @@ from napari_medseg.engine.train.regional_switch import (
     switch_regions,
     transformed_copy,
 )
-from napari_medseg.engine.train.volume_data import plan_geometry
+from napari_medseg.engine.train.volume_data import intensity_view, plan_geometry, random_curve
 from napari_medseg.models.efs_medseg import EfsMedSegNet
 from napari_medseg.models.efs_medseg_losses import (
     anatomy_contrastive_loss,
@@ -303,3 +303,19 @@ def test_tta_averages_quarter_turns_with_monotonic_progress() -> None:
     )
     torch.testing.assert_close(avg, manual / 4, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(avg, drain(seg.volume_logits(x)), atol=1e-4)  # the turns matter
+
+
+def test_random_curve_is_monotone_and_keeps_the_range() -> None:
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 101, dtype=np.float32)[None, None, None]
+    for _ in range(20):
+        out = random_curve(ramp, rng)
+        assert out.dtype == np.float32 and out.shape == ramp.shape
+        assert out.ravel()[0] == 0.0 and out.ravel()[-1] == 1.0
+        assert (np.diff(out.ravel()) >= 0).all()
+    # Off (curve_prob 0) draws nothing extra: the same views as before the option existed.
+    a = intensity_view(ramp, np.random.default_rng(3), 1.0)
+    b = intensity_view(ramp, np.random.default_rng(3), 1.0, curve_prob=0.0)
+    np.testing.assert_array_equal(a, b)
+    c = intensity_view(ramp, np.random.default_rng(3), 1.0, curve_prob=1.0)
+    assert not np.array_equal(a, c)

@@ -17,6 +17,7 @@ from napari_medseg.engine.clusters import (
     gt_cropped_dice,
     relabel_by_size,
 )
+from napari_medseg.engine.networks.s3_net import count_clusters
 from napari_medseg.models import s3_losses as L
 from napari_medseg.models.s3_net import S3Net, deform_conv3x3_sampling
 
@@ -291,3 +292,22 @@ def test_default_working_size_follows_the_mode():
     x = torch.rand(1, 3, 300, 200)
     assert tuple(paper._working_input(x).shape[2:]) == (128, 85)
     assert tuple(released._working_input(x).shape[2:]) == (256, 256)
+
+
+def test_count_clusters_ignores_small_clusters() -> None:
+    labels = torch.zeros(1, 10, 10, dtype=torch.int64)
+    labels[0, :5] = 7  # 50 %
+    labels[0, 9, 0] = 3  # 1 %
+    labels[0, 9, 1] = 4  # 1 %
+    assert count_clusters(labels) == 4
+    assert count_clusters(labels, 0.01) == 4  # exactly 1 % still counts
+    assert count_clusters(labels, 0.02) == 2
+
+
+def test_stop_rule_defaults_follow_the_mode() -> None:
+    paper = nms.load_model("s3-net", device="cpu")
+    released = nms.load_model("s3-net", device="cpu", mode="released")
+    assert (paper.stop_option("min_labels"), paper.stop_option("min_cluster_fraction")) == (5, 0.01)
+    assert (released.stop_option("min_labels"), released.stop_option("min_cluster_fraction")) == (3, 0.0)
+    custom = nms.load_model("s3-net", device="cpu", min_labels=2, min_cluster_fraction=0.0)
+    assert (custom.stop_option("min_labels"), custom.stop_option("min_cluster_fraction")) == (2, 0.0)

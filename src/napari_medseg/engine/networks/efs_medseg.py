@@ -103,6 +103,9 @@ class EfsMedSeg(Segmenter):
             "spatial_prob": 0.7,
             "spatial_rotate": 180.0,  # in-plane degrees for anisotropic volumes (3-D: 30)
             "spatial_scale": [0.7, 1.4],
+            # Share of training views that first get a random monotone intensity curve
+            # (engine/train/volume_data.py random_curve); 0 = off.
+            "intensity_curve": 0.0,
             # Keep only the largest piece of classes that are one piece in every atlas:
             # "auto" (rule learned from the atlases), True (every class) or False.
             "keep_largest": "auto",

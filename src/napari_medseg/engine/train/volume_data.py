@@ -143,10 +143,30 @@ def volume_only(data: np.ndarray, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- augmentation
-def intensity_view(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Random gamma, contrast, brightness and noise on a (C, Z, Y, X) image in [0, 1]."""
+def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) -> np.ndarray:
+    """A random monotone piecewise-linear intensity map of [0, 1] onto itself.
+
+    Unlike a gamma curve it can darken one tissue relative to its neighbours (a blood pool
+    darker than the myocardium, as in some scans the atlases do not cover) while keeping the
+    order of intensities.
+    """
+    xs = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, knots)), [1.0]])
+    ys = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, knots)), [1.0]])
+    return np.interp(np.clip(image, 0, 1), xs, ys).astype(np.float32)
+
+
+def intensity_view(
+    image: np.ndarray, rng: np.random.Generator, strength: float, curve_prob: float = 0.0
+) -> np.ndarray:
+    """Random gamma, contrast, brightness and noise on a (C, Z, Y, X) image in [0, 1].
+
+    With probability ``curve_prob`` a :func:`random_curve` comes first (no draw when 0, so
+    runs without it are unchanged).
+    """
     if strength <= 0:
         return image
+    if curve_prob > 0 and rng.random() < curve_prob:
+        image = random_curve(image, rng)
     x = np.clip(image, 0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4) * strength))
     x = x * rng.uniform(1 - 0.15 * strength, 1 + 0.15 * strength) + rng.uniform(-0.1, 0.1) * strength
     x = x + rng.normal(0, 0.03 * strength * rng.random(), x.shape)
@@ -177,6 +197,7 @@ class VolumeData:
         spatial: Random rotation/zoom of patches (``prob`` = 0: straight crops).
         unlabeled_per_batch: Unlabeled patches per batch.
         strength: Intensity augmentation strength (0: none).
+        curve_prob: Share of views that first get a random monotone intensity curve.
         fg_prob: Probability that a patch is centred on a labeled voxel.
         note: Remark for the user.
     """
@@ -193,6 +214,7 @@ class VolumeData:
     spatial: SpatialOptions = field(default_factory=lambda: SpatialOptions(prob=0.0))
     unlabeled_per_batch: int = 1
     strength: float = 1.0
+    curve_prob: float = 0.0
     fg_prob: float = 0.5
     note: str = ""
     _indices: list[int] = field(default_factory=list)
@@ -310,6 +332,7 @@ class VolumeData:
             ),
             unlabeled_per_batch=int(cfg["unlabeled_per_batch"]) if free else 0,
             strength={"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}[options.augment],
+            curve_prob=float(cfg.get("intensity_curve", 0.0)),
             note=note,
         )
         data._indices = list(range(len(atlases)))
@@ -388,8 +411,8 @@ class VolumeData:
         views1, views2, labels = [], [], []
         for _ in range(batch_size):
             img, lab = self._atlas_patch(rng)
-            views1.append(intensity_view(img, rng, self.strength))
-            views2.append(intensity_view(img, rng, max(self.strength, 0.5)))
+            views1.append(intensity_view(img, rng, self.strength, self.curve_prob))
+            views2.append(intensity_view(img, rng, max(self.strength, 0.5), self.curve_prob))
             labels.append(lab)
         out = {
             "image": torch.from_numpy(np.stack(views1)),
@@ -401,8 +424,8 @@ class VolumeData:
             for _ in range(self.unlabeled_per_batch):
                 vol = self.unlabeled[int(rng.integers(len(self.unlabeled)))]
                 patch = self._read(vol, None, self._start(vol.shape[1:], rng, None), self._matrix(rng))[0]
-                u1.append(intensity_view(patch, rng, self.strength))
-                u2.append(intensity_view(patch, rng, max(self.strength, 0.5)))
+                u1.append(intensity_view(patch, rng, self.strength, self.curve_prob))
+                u2.append(intensity_view(patch, rng, max(self.strength, 0.5), self.curve_prob))
             out["u_image"], out["u_image2"] = torch.from_numpy(np.stack(u1)), torch.from_numpy(np.stack(u2))
         return out
 
