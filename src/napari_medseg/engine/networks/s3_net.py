@@ -78,7 +78,7 @@ def count_clusters(labels: torch.Tensor, min_fraction: float = 0.0) -> int:
             (0 counts every id present).
 
     Returns:
-        The count (at least 1 for a non-empty map when ``min_fraction`` <= 1).
+        The count; 0 when no cluster reaches ``min_fraction``.
     """
     counts = torch.bincount(labels.reshape(-1))
     counts = counts[counts > 0]
