@@ -17,7 +17,8 @@ from napari_medseg.engine.train.regional_switch import (
     switch_regions,
     transformed_copy,
 )
-from napari_medseg.engine.train.volume_data import intensity_view, plan_geometry, random_curve
+from napari_medseg.engine.train.volume_data import intensity_view, random_curve
+from napari_medseg.engine.train.volume_geometry import plan_geometry
 from napari_medseg.models.efs_medseg import EfsMedSegNet
 from napari_medseg.models.efs_medseg_losses import (
     anatomy_contrastive_loss,

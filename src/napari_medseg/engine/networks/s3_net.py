@@ -228,7 +228,7 @@ class S3NetSegmenter(Segmenter):
             loss.backward()
             opt.step()
             n_labels = count_clusters(labels)
-            n_large = count_clusters(labels, min_fraction)
+            n_large = count_clusters(labels, min_fraction) if min_fraction > 0 else n_labels
             large = f" ({n_large} of >= {100 * min_fraction:g} % of the pixels)" if min_fraction > 0 else ""
             yield Progress(
                 slice_index * max_iter + t + 1,
