@@ -3,7 +3,7 @@
     python benchmarks/bench_efs_medseg.py [--quick] [--datasets acdc,la2018]
         [--variants full,no_switch,no_vae,no_contrast,no_spatial]
         [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
-        [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS]
+        [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS] [--train-set KEY=JSON_VALUE ...]
 
 For each dataset: two labeled volumes (atlases), four unlabeled volumes, per-class Dice on the
 remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
@@ -106,6 +106,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         unlabeled_spacing=[x[2] for x in u],
         class_names=CLASSES[ds],
         **({"augment": augment} if augment else {}),
+        **train_options(args),
     ):
         if last.step % max(1, steps // 10) == 0:
             print(
@@ -144,6 +145,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         "variant": variant,
         "steps": steps,
         "options": extra or {},
+        "train_options": train_options(args),
         "seed": args.seed,
         "augment": augment,
     }
@@ -174,6 +176,11 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
     return row
 
 
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--train-set`` KEY=JSON_VALUE pairs: options of the training loop (e.g. ``ema``)."""
+    return {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.train_set)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="40 steps, 4 test volumes, full variant only")
@@ -184,6 +191,9 @@ def main() -> None:
     ap.add_argument("--name", default="", help="JSON name under benchmarks/results")
     ap.add_argument(
         "--set", action="append", default=[], help="extra model option KEY=JSON_VALUE (repeatable)"
+    )
+    ap.add_argument(
+        "--train-set", action="append", default=[], help="training option KEY=JSON_VALUE, e.g. ema=0.99"
     )
     ap.add_argument("--augment", default="", help="augmentation preset (default: the network's)")
     ap.add_argument("--tta", type=int, default=4, help="also score with this many quarter turns")
@@ -215,6 +225,7 @@ def main() -> None:
             cmd += ["--quick"] if args.quick else []
             cmd += ["--save-dir", args.save_dir] if args.save_dir else []
             cmd += [a for kv in args.set for a in ("--set", kv)] + ["--tta", str(args.tta)]
+            cmd += [a for kv in args.train_set for a in ("--train-set", kv)]
             cmd += ["--augment", args.augment] if args.augment else []
             cmd += ["--atlases", str(args.atlases), "--seed", str(args.seed)]
             proc = subprocess.run(cmd, capture_output=True, text=True)

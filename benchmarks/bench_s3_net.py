@@ -5,12 +5,15 @@ For every image: run ``s3-net`` (per-image optimisation), then score the cluster
   choice of cluster, as in the paper's protocol, without its ground-truth crop);
 - ``centre``: the cluster under the image centre (label-free rule = one click in the middle);
 - ``centre_cc``: only the connected piece of that cluster under the centre;
-- ``cropped``: the released code's GT-cropped protocol (for reference only: it leaks the label).
+- ``centre_ccf``: that piece with its holes filled (the Segment widget's two check boxes);
+- ``cropped``: the released code's GT-cropped protocol (for reference only: it leaks the label);
+- with ``--oracle-extras``: oracle choices beyond one cluster (see :func:`oracle_extras`).
 Per-image wall time and iterations are reported too.
 
 Usage:
     python benchmarks/bench_s3_net.py [--quick] [--datasets ph2 busi kvasir_seg]
         [--modes paper released] [--n 20] [--working-size 256] [--threads 2] [--square 256]
+        [--oracle-extras]
     python benchmarks/bench_s3_net.py --iteration-ab --datasets ph2 --threads 2 \
         --out benchmarks/results/bench_s3_net_iteration.json   # CPU forms (s3_ops) vs before
 
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 
 import napari_medseg as nms
 from napari_medseg.engine.clusters import best_cluster, centre_cluster, gt_cropped_dice
@@ -55,6 +59,31 @@ def cases(dataset: str, n: int, square: int = 0) -> list[tuple[str, np.ndarray, 
             msk = msk.resize((square, square), Image.Resampling.NEAREST)
         out.append((ip.stem, np.array(img), np.array(msk) > 0))
     return out
+
+
+def oracle_extras(labels: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Oracle choices beyond one cluster: how far a better choice alone could go.
+
+    ``best_filled``: best cluster with its holes filled; ``best_piece``: best connected piece
+    (among the five largest of each cluster), ``best_piece_filled`` that piece filled;
+    ``best_union2``: best union of two of the four best clusters (``_filled``: then filled).
+    """
+    clusters = [labels == k for k in np.unique(labels)]
+    pieces = []
+    for c in clusters:
+        comp, n = ndimage.label(c, structure=np.ones((3, 3), bool))
+        sizes = ndimage.sum(c, comp, range(1, n + 1))
+        pieces += [comp == j + 1 for j in np.argsort(sizes)[::-1][:5]]
+    top = sorted(clusters, key=lambda c: -dice(c, mask))[:4]
+    unions = [a | b for i, a in enumerate(top) for b in top[i:]]
+    fill = ndimage.binary_fill_holes
+    return {
+        "best_filled": max(dice(fill(c), mask) for c in clusters),
+        "best_piece": max(dice(p, mask) for p in pieces),
+        "best_piece_filled": max(dice(fill(p), mask) for p in pieces),
+        "best_union2": max(dice(u, mask) for u in unions),
+        "best_union2_filled": max(dice(fill(u), mask) for u in unions),
+    }
 
 
 def run_one(mode: str, image: np.ndarray, options: dict) -> tuple[np.ndarray, float, int]:
@@ -130,6 +159,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument(
+        "--oracle-extras", action="store_true", help="also score oracle choices beyond one cluster"
+    )
+    ap.add_argument(
         "--iteration-ab", action="store_true", help="only time paper iterations with/without CPU conv forms"
     )
     args = ap.parse_args()
@@ -152,22 +184,21 @@ def main() -> None:
     for dataset in args.datasets:
         data = cases(dataset, args.n, args.square)
         for mode in args.modes:
-            scores: dict[str, list[float]] = {
-                k: [] for k in ("best", "centre", "centre_cc", "cropped", "seconds", "iterations", "clusters")
-            }
+            scores: dict[str, list[float]] = {}
             for stem, image, mask in data:
                 labels, secs, iters = run_one(mode, image, options)
                 rec = {
                     "best": best_cluster(labels, mask)[1],
                     "centre": dice(centre_cluster(labels), mask),
                     "centre_cc": dice(centre_cluster(labels, connected=True), mask),
+                    "centre_ccf": dice(centre_cluster(labels, connected=True, fill_holes=True), mask),
                     "cropped": gt_cropped_dice(labels, mask),
                     "seconds": secs,
                     "iterations": iters,
                     "clusters": int(labels.max()),
-                }
+                } | (oracle_extras(labels, mask) if args.oracle_extras else {})
                 for k, v in rec.items():
-                    scores[k].append(float(v))
+                    scores.setdefault(k, []).append(float(v))
                 per_image.append({"dataset": dataset, "mode": mode, "case": stem, **rec})
                 print(
                     f"  {dataset} {mode} {stem}: " + " ".join(f"{k}={v:.3f}" for k, v in rec.items()),
@@ -179,16 +210,22 @@ def main() -> None:
             )
 
     header = (
-        f"{'dataset':<11}{'mode':<10}{'n':>3}{'best':>7}{'centre':>8}{'ctr_cc':>8}"
+        f"{'dataset':<11}{'mode':<10}{'n':>3}{'best':>7}{'centre':>8}{'ctr_cc':>8}{'ctr_ccf':>8}"
         f"{'cropped*':>9}{'s/img':>8}{'iters':>7}{'K':>5}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['dataset']:<11}{r['mode']:<10}{r['n']:>3}{r['best']:>7.3f}{r['centre']:>8.3f}{r['centre_cc']:>8.3f}"
+            f"{r['centre_ccf']:>8.3f}"
             f"{r['cropped']:>9.3f}{r['seconds']:>8.1f}{r['iterations']:>7.1f}{r['clusters']:>5.1f}"
         )
     print("* cropped = released GT-cropped protocol, leaks the label; reference only")
+    extras = [k for k in rows[0] if k.startswith("best_")] if rows else []
+    if extras:
+        print(f"{'dataset':<11}{'mode':<10}" + "".join(f"{k:>20}" for k in extras))
+        for r in rows:
+            print(f"{r['dataset']:<11}{r['mode']:<10}" + "".join(f"{r[k]:>20.3f}" for k in extras))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",

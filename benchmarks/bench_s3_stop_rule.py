@@ -3,9 +3,12 @@
 For each image the optimisation runs all ``--max-iter`` iterations (no early stop); after every
 SGD step the cluster map is recomputed (one extra forward, BN on batch statistics, as the final
 prediction is) and scored: the best single cluster's Dice (uncropped, specs §3.4), the centre
-cluster's Dice, the cluster sizes and the fraction of pixels that changed cluster. A stop rule
+cluster's Dice, the cluster sizes, the fraction of pixels that changed cluster, the loss terms
+and two label-free scores of the map (``edge``: mean image gradient on cluster boundaries over
+the mean gradient; ``r2``: share of the colour variance the cluster means explain). A stop rule
 ("stop when at most L clusters of at least f of the pixels remain, after at least m
-iterations") is then replayed on these trajectories: the loop decides on the labels it sees
+iterations"; or "pick the iteration with the best score"; or "stop when few pixels change")
+is then replayed on these trajectories: the loop decides on the labels it sees
 before its step and returns the map after it, exactly as
 :meth:`napari_medseg.engine.networks.s3_net.S3NetSegmenter.optimise` does.
 
@@ -38,16 +41,26 @@ from napari_medseg.engine.clusters import best_cluster, centre_cluster  # noqa: 
 from napari_medseg.engine.metrics import dice  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "bench_s3_stop_rule.json"
+LOSS_TERMS = ("ce", "spatial", "affine")
+SCORE_WINDOWS = [(3, 10), (3, 20), (5, 50)]  # iterations among which a score picks the map
+CHANGE_STOPS = [0.002, 0.01, 0.02]
 RULES = [(3, 0.0), (3, 0.01), (4, 0.0), (4, 0.01), (5, 0.0), (5, 0.01), (6, 0.01), (8, 0.01)]
 
 
-def trajectory(image: np.ndarray, mask: np.ndarray, max_iter: int) -> list[dict]:
-    """Per-iteration records of one image (cluster fractions, change, best and centre Dice)."""
-    seg = nms.load_model("s3-net", device="cpu", max_iter=max_iter, min_labels=0, min_cluster_fraction=0.0)
+def trajectory(image: np.ndarray, mask: np.ndarray, max_iter: int, options: dict | None = None) -> list[dict]:
+    """Per-iteration records of one image (cluster fractions, change, best and centre Dice).
+
+    ``options`` are further S3-Net options (``--set``), e.g. ``working_size`` or ``w_spatial``.
+    """
+    seg = nms.load_model(
+        "s3-net", device="cpu", max_iter=max_iter, min_labels=0, min_cluster_fraction=0.0, **(options or {})
+    )
     prep = seg.prepare(image, None)
     x = seg._working_input(torch.from_numpy(prep.data[0:1]))
     records, prev = [], None
-    for _ in seg.optimise(x, int(seg.config["seed"])):
+    grey = x[0].mean(0)
+    grad = _gradient(grey)
+    for step in seg.optimise(x, int(seg.config["seed"])):
         with torch.no_grad():
             lab = seg.module(x).argmax(1)[0]
         full = F.interpolate(lab[None, None].float(), size=mask.shape, mode="nearest-exact")[0, 0]
@@ -60,10 +73,44 @@ def trajectory(image: np.ndarray, mask: np.ndarray, max_iter: int) -> list[dict]
                 "change": None if prev is None else float((lab != prev).float().mean()),
                 "best": float(best_cluster(full_np, mask)[1]),
                 "centre": float(dice(centre_cluster(full_np), mask)),
+                "edge": _edge_score(lab, grad),
+                "r2": _explained_colour(lab, x[0]),
+                "loss": {k: round(float(v), 5) for k, v in step.info.items() if k in LOSS_TERMS},
             }
         )
         prev = lab
     return records
+
+
+def _gradient(grey: torch.Tensor) -> torch.Tensor:
+    """(h, w) Sobel gradient magnitude of a (h, w) grey image (replicated borders)."""
+    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    g = F.pad(grey[None, None], (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(g, k[None, None])[0, 0]
+    gy = F.conv2d(g, k.T[None, None])[0, 0]
+    return torch.sqrt(gx**2 + gy**2)
+
+
+def _edge_score(lab: torch.Tensor, grad: torch.Tensor) -> float:
+    """Mean image gradient on cluster boundaries over the mean gradient (label-free)."""
+    edge = torch.zeros_like(lab, dtype=torch.bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    if not edge.any():
+        return 0.0
+    return float(grad[edge].mean() / grad.mean().clamp_min(1e-8))
+
+
+def _explained_colour(lab: torch.Tensor, rgb: torch.Tensor) -> float:
+    """Share of the colour variance that the cluster means explain, (3, h, w) image."""
+    flat = rgb.reshape(3, -1).T.double()
+    ids = torch.unique(lab.reshape(-1), return_inverse=True)[1]
+    n = int(ids.max()) + 1
+    sums = torch.zeros(n, 3, dtype=torch.float64).index_add_(0, ids, flat)
+    counts = torch.bincount(ids, minlength=n).double()[:, None]
+    within = ((flat - (sums / counts)[ids]) ** 2).sum()
+    total = ((flat - flat.mean(0)) ** 2).sum()
+    return float(1.0 - within / total.clamp_min(1e-12))
 
 
 def replay(traj: list[dict], min_labels: int, min_fraction: float, min_iter: int = 5) -> tuple[int, dict]:
@@ -76,34 +123,53 @@ def replay(traj: list[dict], min_labels: int, min_fraction: float, min_iter: int
     return len(traj), traj[-1]
 
 
+def pick_by_score(traj: list[dict], key: str, lo: int, hi: int) -> tuple[int, dict]:
+    """Run ``hi`` iterations and return the map of iterations ``lo..hi`` with the top ``key``."""
+    return min(hi, len(traj)), max(traj[lo - 1 : hi], key=lambda r: r[key])
+
+
+def stop_on_change(traj: list[dict], eps: float, min_iter: int = 5) -> tuple[int, dict]:
+    """Stop once fewer than ``eps`` of the pixels changed cluster in the last step seen."""
+    for t in range(max(2, min_iter), len(traj) + 1):
+        change = traj[t - 2]["change"]
+        if change is not None and change < eps:
+            return t, traj[t - 1]
+    return len(traj), traj[-1]
+
+
+def _row(ds: str, rule: object, frac: object, results: list[tuple[int, dict]]) -> dict:
+    return {
+        "dataset": ds,
+        "min_labels": rule,
+        "min_cluster_fraction": frac,
+        "n": len(results),
+        "iterations": float(np.mean([r[0] for r in results])),
+        "best": float(np.mean([r[1]["best"] for r in results])),
+        "centre": float(np.mean([r[1]["centre"] for r in results])),
+    }
+
+
 def summarise(data: dict[str, list[dict]]) -> list[dict]:
-    """One row per (dataset, rule): mean iterations, best and centre Dice."""
+    """One row per (dataset, rule): mean iterations, best and centre Dice.
+
+    Besides the count rules: label-free choices of the iteration by a score of the map
+    (``edge``, ``r2``; trajectories recorded since 2026-12-03 only) and stops on the share of
+    pixels that changed cluster.
+    """
     rows = []
     for ds, images in data.items():
+        trajs = [im["traj"] for im in images]
         for min_labels, frac in RULES:
-            res = [replay(im["traj"], min_labels, frac) for im in images]
-            rows.append(
-                {
-                    "dataset": ds,
-                    "min_labels": min_labels,
-                    "min_cluster_fraction": frac,
-                    "n": len(images),
-                    "iterations": float(np.mean([r[0] for r in res])),
-                    "best": float(np.mean([r[1]["best"] for r in res])),
-                    "centre": float(np.mean([r[1]["centre"] for r in res])),
-                }
-            )
-        rows.append(
-            {
-                "dataset": ds,
-                "min_labels": "oracle iteration",
-                "min_cluster_fraction": "",
-                "n": len(images),
-                "iterations": float("nan"),
-                "best": float(np.mean([max(r["best"] for r in im["traj"]) for im in images])),
-                "centre": float("nan"),
-            }
-        )
+            rows.append(_row(ds, min_labels, frac, [replay(t, min_labels, frac) for t in trajs]))
+        if all("edge" in t[0] for t in trajs):
+            for key in ("edge", "r2"):
+                for lo, hi in SCORE_WINDOWS:
+                    name = f"max {key} in {lo}-{hi}"
+                    rows.append(_row(ds, name, "", [pick_by_score(t, key, lo, hi) for t in trajs]))
+        for eps in CHANGE_STOPS:
+            rows.append(_row(ds, f"change < {eps:g}", "", [stop_on_change(t, eps) for t in trajs]))
+        oracle = _row(ds, "oracle iteration", "", [(0, max(t, key=lambda r: r["best"])) for t in trajs])
+        rows.append(oracle | {"iterations": float("nan"), "centre": float("nan")})
     return rows
 
 
@@ -116,7 +182,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--trajectories", type=Path, default=None, help="also write the raw trajectories here")
     ap.add_argument("--replay", type=Path, nargs="*", default=None, help="rescore saved trajectories only")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="S3-Net options (JSON values)")
     args = ap.parse_args()
+    options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     torch.set_num_threads(args.threads)
     data: dict[str, list[dict]] = {}
     if args.replay:
@@ -125,20 +193,24 @@ def main() -> None:
     else:
         for ds in args.datasets:
             data[ds] = [
-                {"case": stem, "traj": trajectory(image, mask, args.max_iter)}
+                {"case": stem, "traj": trajectory(image, mask, args.max_iter, options)}
                 for stem, image, mask in cases(ds, args.n)
             ]
         if args.trajectories:
             args.trajectories.write_text(json.dumps(data))
     rows = summarise(data)
-    print(f"{'dataset':<11}{'min_labels':>17}{'min_frac':>9}{'n':>4}{'iters':>7}{'best':>7}{'centre':>8}")
+    print(
+        f"{'dataset':<11}{'rule (min_labels)':>22}{'min_frac':>9}{'n':>4}{'iters':>7}{'best':>7}{'centre':>8}"
+    )
     for r in rows:
         print(
-            f"{r['dataset']:<11}{r['min_labels']!s:>17}{r['min_cluster_fraction']!s:>9}{r['n']:>4}"
+            f"{r['dataset']:<11}{r['min_labels']!s:>22}{r['min_cluster_fraction']!s:>9}{r['n']:>4}"
             f"{r['iterations']:>7.1f}{r['best']:>7.3f}{r['centre']:>8.3f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"argv": sys.argv, "threads": args.threads, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"argv": sys.argv, "threads": args.threads, "options": options, "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

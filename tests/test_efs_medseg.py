@@ -17,7 +17,7 @@ from napari_medseg.engine.train.regional_switch import (
     switch_regions,
     transformed_copy,
 )
-from napari_medseg.engine.train.volume_data import intensity_view, random_curve
+from napari_medseg.engine.train.volume_data import GAIN_MIN, intensity_view, random_curve
 from napari_medseg.engine.train.volume_geometry import plan_geometry
 from napari_medseg.models.efs_medseg import EfsMedSegNet
 from napari_medseg.models.efs_medseg_losses import (
@@ -320,3 +320,14 @@ def test_random_curve_is_monotone_and_keeps_the_range() -> None:
     np.testing.assert_array_equal(a, b)
     c = intensity_view(ramp, np.random.default_rng(3), 1.0, curve_prob=1.0)
     assert not np.array_equal(a, c)
+
+
+def test_gain_view_darkens_within_its_range() -> None:
+    flat = np.full((1, 1, 4, 4), 0.8, dtype=np.float32)
+    a = intensity_view(flat, np.random.default_rng(5), 1.0)
+    np.testing.assert_array_equal(a, intensity_view(flat, np.random.default_rng(5), 1.0, gain_prob=0.0))
+    # strength 1e-6 leaves only the gain: every view lies in [GAIN_MIN, 1] x 0.8, spread over it.
+    rng = np.random.default_rng(0)
+    means = [float(intensity_view(flat, rng, 1e-6, gain_prob=1.0).mean()) for _ in range(200)]
+    assert min(means) >= 0.8 * GAIN_MIN - 1e-3 and max(means) <= 0.8 + 1e-3
+    assert min(means) < 0.8 * (GAIN_MIN + 0.1) and max(means) > 0.8 * 0.9

@@ -259,6 +259,22 @@ def test_cluster_at_2d_and_connected() -> None:
         cluster_at(lab, [(1, 1, 1)])
 
 
+def test_cluster_at_fills_holes_of_the_kept_region() -> None:
+    # A rim cluster (1) around a centre cluster (2), in a background cluster (0).
+    lab = np.zeros((7, 7), np.int32)
+    lab[1:6, 1:6] = 1
+    lab[2:5, 2:5] = 2
+    ring = cluster_at(lab, [(1, 1)])
+    assert ring.sum() == 16 and not ring[3, 3]
+    np.testing.assert_array_equal(cluster_at(lab, [(1, 1)], fill_holes=True), lab > 0)
+    # The background's hole is the whole lesion: filling it selects everything.
+    assert cluster_at(lab, [(0, 0)], fill_holes=True).all()
+    # 3-D: per slice, so a hole open in z (a tube) is filled too.
+    vol = np.stack([lab, lab])
+    np.testing.assert_array_equal(cluster_at(vol, [(0, 1, 1)], fill_holes=True), vol > 0)
+    np.testing.assert_array_equal(centre_cluster(lab, fill_holes=True), lab == 2)
+
+
 def test_cluster_at_3d() -> None:
     lab = np.ones((2, 3, 3), dtype=np.int32)
     lab[0, 1, 1] = 2

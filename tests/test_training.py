@@ -130,3 +130,45 @@ def test_cpu_amp_runs_the_loss_under_bf16_autocast(toy_registered, monkeypatch, 
     # Weights stay float32 and still learn the disc under bf16.
     assert all(v.dtype == torch.float32 for v in seg.checkpoint_tensors().values() if v.is_floating_point())
     assert last.done and dice(seg.segment(image) == 1, mask == 1) >= 0.9
+
+
+def test_weight_average_follows_the_live_weights_and_swaps_back():
+    from napari_medseg.engine.train.weight_average import WeightAverage
+
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    avg = WeightAverage(net, 0.5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    avg.update()  # first update keeps min(0.5, 2 / 11) of the average: 0 -> 9/11
+    np.testing.assert_allclose(avg.average["weight"].numpy(), 9 / 11, rtol=1e-6)
+    avg.update()  # then min(0.5, 3 / 12) = 0.25 of it
+    np.testing.assert_allclose(avg.average["weight"].numpy(), 0.25 * 9 / 11 + 0.75, rtol=1e-6)
+    with avg.applied():
+        np.testing.assert_allclose(net.weight.detach().numpy(), 0.25 * 9 / 11 + 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(net.weight.detach().numpy(), 1.0)  # live weights back
+    with pytest.raises(ValueError, match="ema"):
+        WeightAverage(net, 1.0)
+    # Only the optimised parameters and the buffers are averaged (a frozen encoder is not copied).
+    both = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    part = WeightAverage(both, 0.9, params=[both[0].weight])
+    assert set(part.average) == {"0.weight", "1.running_mean", "1.running_var"}
+
+
+def test_ema_training_keeps_the_averaged_weights(toy_registered):
+    image, mask = disc_image()
+    plain, averaged = toy_registered(device="cpu"), toy_registered(device="cpu")
+    _run(plain.finetune(image, mask, steps=80, seed=0, augment="none"))
+    last = _run(averaged.finetune(image, mask, steps=80, seed=0, augment="none", ema=0.9))
+    # Same data and seed: only the kept weights differ, and the averaged ones still learned.
+    differ = [
+        k
+        for k, v in plain.checkpoint_tensors().items()
+        if not torch.equal(v, averaged.checkpoint_tensors()[k])
+    ]
+    assert differ
+    assert last.best >= 0.85  # validation on augmented views of the one image
+    assert dice(averaged.segment(image) == 1, mask == 1) >= 0.95
+    with pytest.raises(ValueError, match="ema"):
+        _run(toy_registered(device="cpu").finetune(image, mask, steps=2, ema=1.5))

@@ -229,7 +229,18 @@ def test_keep_clusters_under_clicked_points(viewer_widget, clusters_network, qtb
     out = w.keep_clicked_clusters()
     np.testing.assert_array_equal(out.data > 0, clusters == 1)
     np.testing.assert_allclose(out.translate, (2.0, 3.0))
-    np.testing.assert_array_equal(lab.data, clusters)  # user layer untouched
+    # a ring cluster around a centre one: "fill holes" keeps the filled disc
+    ring = clusters.copy()
+    ring[22:38, 2:18] = 3  # cluster 2 now rings a square of 3 in the lower-left quarter
+    ring_layer = viewer.add_labels(ring, name="ring", scale=(0.5, 0.5), translate=(2.0, 3.0))
+    w.clusters_labels.set_layer(ring_layer.name)
+    w.clusters_points.set_layer(pts.name)
+    pts.data = [[21, 1]]  # on the rim (cluster 2)
+    w.fill_holes.setChecked(True)
+    out = w.keep_clicked_clusters()
+    np.testing.assert_array_equal(out.data > 0, (ring == 2) | ((ring == 3) & (np.arange(40) < 20)[None, :]))
+    np.testing.assert_array_equal(lab.data, clusters)  # user layers untouched
+    np.testing.assert_array_equal(ring_layer.data, ring)
 
 
 def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(viewer_widget, qtbot):

@@ -51,6 +51,7 @@ def cluster_at(
     points: Iterable[Sequence[float]],
     connected: bool = False,
     same_slice: bool = False,
+    fill_holes: bool = False,
 ) -> np.ndarray:
     """Mask of the clusters under the given points.
 
@@ -64,6 +65,9 @@ def cluster_at(
         same_slice: 3-D only: select in the point's slice only. S³-Net optimises each slice on
             its own, so the same id in another slice is a different cluster; its ids are
             ordered by size per slice, which usually but not always keeps them alike.
+        fill_holes: Fill the holes of the kept mask (per slice for 3-D: S³-Net clusters
+            slices on their own). Lesions often split into a dark centre and a lighter rim
+            that are different clusters; a click on the rim then gives a ring.
 
     Returns:
         bool array of ``labels``'s shape; all False when ``points`` is empty.
@@ -88,7 +92,16 @@ def cluster_at(
             comp, _ = ndimage.label(region, structure=np.ones((3,) * labels.ndim, dtype=bool))
             region = comp == comp[idx]
         mask |= region
+    if fill_holes:
+        mask = _fill_holes(mask)
     return mask
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Holes of a (Y, X) mask filled, or of each slice of a (Z, Y, X) mask."""
+    if mask.ndim == 2:
+        return ndimage.binary_fill_holes(mask)
+    return np.stack([ndimage.binary_fill_holes(m) for m in mask])
 
 
 def best_cluster(labels: np.ndarray, target: np.ndarray) -> tuple[int, float]:
@@ -114,18 +127,18 @@ def best_cluster(labels: np.ndarray, target: np.ndarray) -> tuple[int, float]:
     return best
 
 
-def centre_cluster(labels: np.ndarray, connected: bool = False) -> np.ndarray:
+def centre_cluster(labels: np.ndarray, connected: bool = False, fill_holes: bool = False) -> np.ndarray:
     """Label-free rule: the cluster under the array's centre (a click in the middle).
 
     Args:
         labels: (Y, X) or (Z, Y, X) cluster map.
-        connected: See :func:`cluster_at`.
+        connected, fill_holes: See :func:`cluster_at`.
 
     Returns:
         bool mask of ``labels``'s shape.
     """
     centre = tuple((s - 1) / 2.0 for s in np.shape(labels))
-    return cluster_at(labels, [centre], connected=connected)
+    return cluster_at(labels, [centre], connected=connected, fill_holes=fill_holes)
 
 
 def gt_cropped_dice(labels: np.ndarray, target: np.ndarray) -> float:

@@ -152,6 +152,11 @@ class SegmentWidget(QWidget):
         self.add_clicks = QPushButton("Add click layer")
         self.keep_button = QPushButton("Keep clicked clusters")
         self.connected_only = QCheckBox("only the connected piece under each click")
+        self.fill_holes = QCheckBox("fill holes in the kept region")
+        self.fill_holes.setToolTip(
+            "a lesion often splits into a dark centre and a lighter rim; a click on the rim "
+            "then keeps a ring, and this fills it (per slice in volumes)"
+        )
         self.slice_only = QCheckBox("volumes: only the clicked slice")
         self.slice_only.setToolTip(
             "S³-Net clusters each slice on its own, so one id may mean different tissue in "
@@ -161,6 +166,7 @@ class SegmentWidget(QWidget):
         cform.addRow("Clusters", self.clusters_labels)
         cform.addRow("Clicks", self.clusters_points)
         cform.addRow(self.connected_only)
+        cform.addRow(self.fill_holes)
         cform.addRow(self.slice_only)
         crow = QHBoxLayout()
         crow.addWidget(self.add_clicks)
@@ -410,6 +416,7 @@ class SegmentWidget(QWidget):
                     data,
                     idx,
                     connected=self.connected_only.isChecked(),
+                    fill_holes=self.fill_holes.isChecked(),
                     same_slice=self.slice_only.isChecked() and data.ndim == 3,
                 ),
                 dtype=bool,

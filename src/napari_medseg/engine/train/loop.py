@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections.abc import Generator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from torch import nn
 from napari_medseg.engine.device import OutOfMemory, free_cuda_cache, is_oom, resolve_device
 from napari_medseg.engine.train.distributed import DistContext
 from napari_medseg.engine.train.options import TrainOptions, TrainProgress
+from napari_medseg.engine.train.weight_average import WeightAverage
 
 if TYPE_CHECKING:
     from napari_medseg.engine.segmenter import Segmenter
@@ -124,6 +126,7 @@ def finetune(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     wrapped = ctx.wrap(_LossModule(seg), device)
     rng = np.random.default_rng(opts.seed + 1000 * ctx.rank)
+    ema = WeightAverage(seg.module, opts.ema, params) if opts.ema > 0 else None
 
     best, best_state, metrics = -1.0, None, {}
     t0 = time.perf_counter()
@@ -163,16 +166,20 @@ def finetune(
                 torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             scaler.step(optim)
             scaler.update()
+            if ema is not None:
+                ema.update()
             last = step + 1 == total
             if (step + 1) % val_every == 0 or last:
-                ctx.broadcast_state(seg.module)
-                metrics = {k: ctx.mean(v) for k, v in data.validate(seg).items()}
-                score = seg.selection_score(metrics)
-                score = -loss.item() if score is None else score
-                if score > best:
-                    best, best_state = score, _snapshot(seg)
-                    seg.provenance = _provenance(seg, data, opts, step + 1, best)
-                    _write(seg, opts, ctx)
+                # With ``ema`` the averaged weights are validated, kept and saved.
+                with ema.applied() if ema is not None else nullcontext():
+                    ctx.broadcast_state(seg.module)
+                    metrics = {k: ctx.mean(v) for k, v in data.validate(seg).items()}
+                    score = seg.selection_score(metrics)
+                    score = -loss.item() if score is None else score
+                    if score > best:
+                        best, best_state = score, _snapshot(seg)
+                        seg.provenance = _provenance(seg, data, opts, step + 1, best)
+                        _write(seg, opts, ctx)
             elapsed = time.perf_counter() - t0
             eta = elapsed / (step + 1 - start) * (total - step - 1)
             finished = last

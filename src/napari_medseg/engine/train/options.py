@@ -34,6 +34,9 @@ class TrainOptions:
             stay float32). About twice as fast on CPUs with native bf16 (AVX-512 BF16, AMX);
             networks opt in through their defaults (HF-SAM does when the CPU has it).
         grad_clip: Max gradient norm (0: off).
+        ema: Decay of an exponential moving average of the weights (0: off; e.g. 0.99).
+            When on, validation, the kept best weights and the checkpoint are the averaged
+            weights (engine/train/weight_average.py).
         checkpoint: Path where the best model so far is written (``None``: not written).
         resume: Continue from ``checkpoint`` if it exists (CLI training).
         extra: Network-specific options (e.g. STS-Net's small-target augmentation).
@@ -56,6 +59,7 @@ class TrainOptions:
     amp: bool = True
     cpu_amp: bool = False
     grad_clip: float = 0.0
+    ema: float = 0.0
     checkpoint: str | None = None
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +100,8 @@ class TrainOptions:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.schedule not in ("cosine", "poly", "constant"):
             raise ValueError(f"schedule must be cosine, poly or constant, got {self.schedule!r}")
         if self.optimizer not in ("adamw", "sgd"):
