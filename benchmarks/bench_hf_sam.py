@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 import time
@@ -269,7 +270,10 @@ def nodules(seg, diameters: list[float], per_size: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- 3. few-shot
-def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list[dict]:
+def fewshot(
+    ks: list[int], n_test: int, steps: int, datasets: list[str], options: dict | None = None
+) -> list[dict]:
+    """Few-shot curve; ``options`` are extra training options (``--fewshot-option``)."""
     rows = []
     for ds in datasets:
         if not (DATA / ds).is_dir():
@@ -290,6 +294,7 @@ def fewshot(ks: list[int], n_test: int, steps: int, datasets: list[str]) -> list
                 [p[1].astype(np.int64) for p in pool[:k]],
                 steps=steps,
                 channel_axis=-1 if pool[0][0].ndim == 3 else None,
+                **(options or {}),
             ):
                 last = record
             took = time.perf_counter() - t0
@@ -343,6 +348,13 @@ def main() -> None:
     ap.add_argument("--fewshot-datasets", default="kvasir_seg,busi,ph2")
     ap.add_argument("--fewshot-ks", default="", help="comma-separated k values (default 1,3 quick / 1,3,5)")
     ap.add_argument("--fewshot-steps", type=int, default=0, help="0: 20 with --quick, else 100")
+    ap.add_argument(
+        "--fewshot-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="training option, e.g. ema=0.95",
+    )
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--precision", action="store_true", help="also compare the fp32 and bf16 encoder")
     ap.add_argument("--skip-small", action="store_true")
@@ -392,10 +404,11 @@ def main() -> None:
         )
         steps = args.fewshot_steps or (20 if args.quick else 100)
         datasets = args.fewshot_datasets.split(",")
-        rows_fs = fewshot(ks, 5 if args.quick else 20, steps, datasets)
+        options = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.fewshot_option)}
+        rows_fs = fewshot(ks, 5 if args.quick else 20, steps, datasets, options)
         print("\n## Few-shot\n")
         print(table(rows_fs, list(rows_fs[0]) if rows_fs else []))
-        out["fewshot"] = rows_fs
+        out["fewshot"], out["fewshot_options"] = rows_fs, options
     out["peak_rss_mb"] = peak_rss_mb()
     path = save(args.name, out)
     print(f"\nwrote {path}")
