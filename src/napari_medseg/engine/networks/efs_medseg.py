@@ -296,7 +296,7 @@ class EfsMedSeg(Segmenter):
             "grad_clip": 12.0,
             # Strong intensity views: held-out ACDC 0.584 vs 0.546 with "default" (1500 steps).
             "augment": "strong",
-            # Averaged weights: held-out ACDC 0.600 / 0.558 vs 0.591 / 0.538 (seeds 0 / 1),
+            # Averaged weights: held-out ACDC 0.600 / 0.558 / 0.555 vs 0.591 / 0.538 / 0.535 (seeds 0-2),
             # LA-2018 0.867 vs 0.865 (docs/models/efs-medseg.md).
             "ema": 0.995,
         }
