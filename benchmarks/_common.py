@@ -61,6 +61,11 @@ def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(out)
 
 
+def parse_pairs(items: list[str]) -> dict[str, Any]:
+    """``["KEY=JSON_VALUE", ...]`` command-line pairs → ``{KEY: value}`` (e.g. ``ema=0.99``)."""
+    return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def save(name: str, payload: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the machine description."""
     RESULTS.mkdir(parents=True, exist_ok=True)

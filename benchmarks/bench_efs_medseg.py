@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, peak_rss_mb, save, table  # noqa: E402
+from _common import DATA, parse_pairs, peak_rss_mb, save, table  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -106,7 +106,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         unlabeled_spacing=[x[2] for x in u],
         class_names=CLASSES[ds],
         **({"augment": augment} if augment else {}),
-        **train_options(args),
+        **parse_pairs(args.train_set),
     ):
         if last.step % max(1, steps // 10) == 0:
             print(
@@ -145,7 +145,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         "variant": variant,
         "steps": steps,
         "options": extra or {},
-        "train_options": train_options(args),
+        "train_options": parse_pairs(args.train_set),
         "seed": args.seed,
         "augment": augment,
     }
@@ -176,11 +176,6 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
     return row
 
 
-def train_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--train-set`` KEY=JSON_VALUE pairs: options of the training loop (e.g. ``ema``)."""
-    return {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.train_set)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="40 steps, 4 test volumes, full variant only")
@@ -202,7 +197,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    extra = parse_pairs(args.set)
     if args.child:
         ds, variant = args.child.split(":")
         print("RESULT " + json.dumps(run_one(ds, variant, args, extra)), flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import DATA, peak_rss_mb, save, table  # noqa: E402
+from _common import DATA, parse_pairs, peak_rss_mb, save, table  # noqa: E402
 
 import napari_medseg as nms  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
@@ -404,7 +403,7 @@ def main() -> None:
         )
         steps = args.fewshot_steps or (20 if args.quick else 100)
         datasets = args.fewshot_datasets.split(",")
-        options = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.fewshot_option)}
+        options = parse_pairs(args.fewshot_option)
         rows_fs = fewshot(ks, 5 if args.quick else 20, steps, datasets, options)
         print("\n## Few-shot\n")
         print(table(rows_fs, list(rows_fs[0]) if rows_fs else []))

@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import parse_pairs  # noqa: E402
 from bench_s3_net import cases  # noqa: E402
 
 import napari_medseg as nms  # noqa: E402
 from napari_medseg.engine.clusters import best_cluster, centre_cluster  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
+from napari_medseg.models.s3_losses import SOBEL_X  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "bench_s3_stop_rule.json"
 LOSS_TERMS = ("ce", "spatial", "affine")
@@ -84,7 +86,7 @@ def trajectory(image: np.ndarray, mask: np.ndarray, max_iter: int, options: dict
 
 def _gradient(grey: torch.Tensor) -> torch.Tensor:
     """(h, w) Sobel gradient magnitude of a (h, w) grey image (replicated borders)."""
-    k = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    k = SOBEL_X
     g = F.pad(grey[None, None], (1, 1, 1, 1), mode="replicate")
     gx = F.conv2d(g, k[None, None])[0, 0]
     gy = F.conv2d(g, k.T[None, None])[0, 0]
@@ -124,8 +126,12 @@ def replay(traj: list[dict], min_labels: int, min_fraction: float, min_iter: int
 
 
 def pick_by_score(traj: list[dict], key: str, lo: int, hi: int) -> tuple[int, dict]:
-    """Run ``hi`` iterations and return the map of iterations ``lo..hi`` with the top ``key``."""
-    return min(hi, len(traj)), max(traj[lo - 1 : hi], key=lambda r: r[key])
+    """Run ``hi`` iterations and return the map of iterations ``lo..hi`` with the top ``key``.
+
+    A trajectory shorter than the window (a small ``--max-iter``) uses what it has.
+    """
+    hi = min(hi, len(traj))
+    return hi, max(traj[min(lo, hi) - 1 : hi], key=lambda r: r[key])
 
 
 def stop_on_change(traj: list[dict], eps: float, min_iter: int = 5) -> tuple[int, dict]:
@@ -184,7 +190,7 @@ def main() -> None:
     ap.add_argument("--replay", type=Path, nargs="*", default=None, help="rescore saved trajectories only")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="S3-Net options (JSON values)")
     args = ap.parse_args()
-    options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    options = parse_pairs(args.set)
     torch.set_num_threads(args.threads)
     data: dict[str, list[dict]] = {}
     if args.replay:

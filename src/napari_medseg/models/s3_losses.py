@@ -125,8 +125,8 @@ def released_aux_consistency(r: torch.Tensor, aux_rotated: torch.Tensor) -> torc
     return F.cross_entropy(aux_rotated, target)
 
 
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-_SOBEL_XY = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 1.0]])
+SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])  # d/dx (OpenCV)
+SOBEL_XY = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 1.0]])
 
 
 def sobel_term(labels: torch.Tensor, num_colours: int, generator: torch.Generator) -> torch.Tensor:
@@ -148,7 +148,7 @@ def sobel_term(labels: torch.Tensor, num_colours: int, generator: torch.Generato
         palette = torch.randint(0, 256, (num_colours, 3), generator=generator).float()
         grey = (palette[labels.cpu()] @ torch.tensor([0.299, 0.587, 0.114]))[:, None]
         grey = F.pad(grey, (1, 1, 1, 1), mode="reflect")
-        kernels = torch.stack([_SOBEL_X, _SOBEL_X.T, _SOBEL_XY])[:, None]
+        kernels = torch.stack([SOBEL_X, SOBEL_X.T, SOBEL_XY])[:, None]
         s = F.conv2d(grey, kernels)
         sx, sy, sxy = s[:, 0], s[:, 1], s[:, 2]
         return (sy - sx).abs().mean() + (sxy - sx).abs().mean() + (sxy - sy).abs().mean()
