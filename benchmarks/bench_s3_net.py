@@ -13,7 +13,7 @@ Per-image wall time and iterations are reported too.
 Usage:
     python benchmarks/bench_s3_net.py [--quick] [--datasets ph2 busi kvasir_seg]
         [--modes paper released] [--n 20] [--working-size 256] [--threads 2] [--square 256]
-        [--oracle-extras]
+        [--oracle-extras] [--set KEY=JSON_VALUE ...]
     python benchmarks/bench_s3_net.py --iteration-ab --datasets ph2 --threads 2 \
         --out benchmarks/results/bench_s3_net_iteration.json   # CPU forms (s3_ops) vs before
 
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,9 @@ from scipy import ndimage
 import napari_medseg as nms
 from napari_medseg.engine.clusters import best_cluster, centre_cluster, gt_cropped_dice
 from napari_medseg.engine.metrics import dice
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import parse_pairs  # noqa: E402
 
 DATA = Path(os.environ.get("MEDSEG_DATA", "/work/shared/data"))
 OUT = Path(__file__).parent / "results" / "bench_s3_net.json"
@@ -158,6 +162,7 @@ def main() -> None:
     ap.add_argument("--square", type=int, default=0, help="resize every image to N x N first (0 = keep)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--set", nargs="*", default=[], help="S3-Net options KEY=JSON_VALUE (e.g. w_spatial=8)")
     ap.add_argument(
         "--oracle-extras", action="store_true", help="also score oracle choices beyond one cluster"
     )
@@ -169,7 +174,7 @@ def main() -> None:
         args.datasets, args.modes, args.n = ["ph2"], ["paper"], 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = {"working_size": args.working_size, "max_iter": args.max_iter}
+    options = {"working_size": args.working_size, "max_iter": args.max_iter} | parse_pairs(args.set)
     if args.iteration_ab:
         stem, image, _ = cases(args.datasets[0], 1)[0]
         ab = iteration_ab(image, args.working_size)
