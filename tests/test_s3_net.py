@@ -327,3 +327,42 @@ def test_stop_rule_defaults_follow_the_mode() -> None:
     assert (released.stop_option("min_labels"), released.stop_option("min_cluster_fraction")) == (3, 0.0)
     custom = nms.load_model("s3-net", device="cpu", min_labels=2, min_cluster_fraction=0.0)
     assert (custom.stop_option("min_labels"), custom.stop_option("min_cluster_fraction")) == (2, 0.0)
+
+
+def shaded_disc(size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """A dark disc on light skin under strong vignetting: its lit side outshines the dark corners."""
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 5) ** 2
+    albedo = np.where(disc, 0.35, 0.9)
+    r2 = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (size / 2) ** 2  # 0 centre, 2 corners
+    light = 1.0 - 0.3 * r2 - 0.2 * xx / size  # 1.0 at the centre, 0.2 in the right corners
+    rng = np.random.default_rng(0)
+    img = albedo * light * 255 + rng.normal(0, 3, disc.shape)
+    return np.repeat(np.clip(img, 0, 255)[..., None], 3, -1).astype(np.uint8), disc
+
+
+def test_flatten_shading_evens_the_skin_and_keeps_the_lesion() -> None:
+    from napari_medseg.engine.networks.s3_net import flatten_shading
+
+    image, disc = shaded_disc(64)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    assert flatten_shading(x, 0.0) is x  # off: untouched
+    y = flatten_shading(x, 0.25)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    skin, lesion = torch.from_numpy(~disc), torch.from_numpy(disc)
+
+    def spread_and_gap(t: torch.Tensor) -> tuple[float, float]:
+        s, d = t[0, 0][skin], t[0, 0][lesion]
+        return float(s.std() / s.mean()), float((s.mean() - d.mean()) / s.std())
+
+    (spread0, gap0), (spread1, gap1) = spread_and_gap(x), spread_and_gap(y)
+    assert spread1 < 0.95 * spread0  # the skin is more even ...
+    assert gap1 > 1.05 * gap0  # ... and the lesion stands out more against it
+
+
+def test_flatten_option_reaches_the_working_input() -> None:
+    image, _ = shaded_disc(48)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    plain = nms.load_model("s3-net", device="cpu", working_size=48)._working_input(x)
+    flat = nms.load_model("s3-net", device="cpu", working_size=48, flatten=0.25)._working_input(x)
+    assert plain.shape == flat.shape and not torch.allclose(plain, flat)

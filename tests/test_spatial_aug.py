@@ -7,7 +7,13 @@ import math
 import numpy as np
 
 from napari_medseg.engine.components import keep_largest, single_piece_classes
-from napari_medseg.engine.train.spatial_aug import SpatialOptions, _rot, random_matrix, warp_patch
+from napari_medseg.engine.train.spatial_aug import (
+    SpatialOptions,
+    _rot,
+    random_field,
+    random_matrix,
+    warp_patch,
+)
 
 
 def _blocky(seed: int, shape=(12, 40, 40), block=4):
@@ -68,6 +74,38 @@ def test_quarter_turn_tta_only_where_training_turns_that_far() -> None:
     assert not SpatialOptions().covers_quarter_turns((1.0, 1.0, 1.0))  # LA-like: ±30° per axis
     assert not SpatialOptions(rotate_inplane=45.0).covers_quarter_turns((10.0, 1.5, 1.5))
     assert not SpatialOptions(prob=0.0).covers_quarter_turns((10.0, 1.5, 1.5))
+
+
+def test_stretch_scales_in_plane_axes_apart_and_off_is_unchanged() -> None:
+    spacing = (10.0, 1.5, 1.5)
+    m0 = random_matrix(spacing, np.random.default_rng(4), SpatialOptions())
+    rng = np.random.default_rng(4)
+    m = random_matrix(spacing, rng, SpatialOptions(stretch=0.3))
+    singular = np.linalg.svd(m[1:, 1:])[1]
+    assert singular[0] / singular[1] > 1.01  # an in-plane circle becomes an ellipse
+    np.testing.assert_allclose(m[0, 1:], 0.0)  # thick slices stay unmixed
+    np.testing.assert_allclose(abs(m[0, 0]), abs(m0[0, 0]))  # slice axis keeps the common zoom
+    # Off (the default): no field, and the same random draws give the same matrix as before.
+    assert random_field((4, 8, 8), spacing, rng, SpatialOptions()) is None
+    np.testing.assert_array_equal(
+        random_matrix(spacing, np.random.default_rng(4), SpatialOptions(stretch=0.0)), m0
+    )
+
+
+def test_elastic_field_is_smooth_in_plane_and_keeps_labels_on_their_image() -> None:
+    img, lab = _blocky(5, (16, 48, 48))
+    spacing, patch = (10.0, 1.5, 1.5), (8, 24, 24)
+    opts = SpatialOptions(elastic=3.0, elastic_grid=12.0)
+    field = random_field(patch, spacing, np.random.default_rng(0), opts)
+    assert field is not None and field.shape == (*patch, 3)
+    np.testing.assert_allclose(field[..., 0], 0.0)  # anisotropic: no through-plane shift
+    assert field[..., 1:].std() > 1.0  # it moves things (mm)
+    # Smooth: neighbouring voxels move by less than a voxel relative to each other (no folds).
+    assert np.abs(np.diff(field[..., 1], axis=1)).max() < spacing[1]  # mm per voxel step
+    out, olab = warp_patch(img, lab, [8, 24, 24], patch, spacing, np.eye(3), field)
+    plain, plab = warp_patch(img, lab, [8, 24, 24], patch, spacing, np.eye(3))
+    assert (olab != plab).mean() > 0.05  # the shapes changed ...
+    assert (np.round(out[0] / 0.1).astype(int) == olab).mean() > 0.75  # ... together
 
 
 def test_keep_largest_and_single_piece_rule() -> None:

@@ -103,6 +103,8 @@ class EfsMedSeg(Segmenter):
             "spatial_prob": 0.7,
             "spatial_rotate": 180.0,  # in-plane degrees for anisotropic volumes (3-D: 30)
             "spatial_scale": [0.7, 1.4],
+            "spatial_stretch": 0.0,  # per-axis zoom log-ratio (0 = isotropic zoom)
+            "spatial_elastic": 0.0,  # elastic displacement SD in mm (0 = off)
             # Share of training views that first get a random monotone intensity curve
             # (engine/train/volume_data.py random_curve); 0 = off.
             "intensity_curve": 0.0,

@@ -88,6 +88,39 @@ def count_clusters(labels: torch.Tensor, min_fraction: float = 0.0) -> int:
 RELEASED_SIZE = 256  # the authors' notebook resizes every image to 256²
 
 
+def _blur(lum: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (1, 1, h, w) with reflected borders (the frame stays out)."""
+    h, w = lum.shape[2:]
+    radius = min(int(3 * sigma), min(h, w) - 1)
+    t = torch.arange(-radius, radius + 1, dtype=lum.dtype, device=lum.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    lum = F.conv2d(F.pad(lum, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(lum, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+def flatten_shading(x: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
+    """Divide out slow illumination changes (vignetting, shading) before clustering.
+
+    Args:
+        x: (1, C, h, w) float in [0, 1].
+        sigma_fraction: Standard deviation of the Gaussian blur that estimates the
+            illumination from the mean brightness, as a share of the longer side; 0 returns
+            ``x`` unchanged.
+
+    Returns:
+        (1, C, h, w) float in [0, 1]: every channel divided by the illumination estimate,
+        rescaled so that its 99th percentile is 1.
+    """
+    if sigma_fraction <= 0:
+        return x
+    lum = x.mean(1, keepdim=True)
+    light = _blur(lum, max(1.0, sigma_fraction * max(x.shape[2:])))
+    out = x / (light + 0.02)  # the offset keeps near-black frames from turning into noise
+    top = torch.quantile(out.flatten(2), 0.99, dim=2).clamp_min(1e-6)
+    return (out / top[..., None, None]).clamp(0.0, 1.0)
+
+
 class S3NetSegmenter(Segmenter):
     """Runs the per-image S³-Net optimisation; see :meth:`iter_segment`."""
 
@@ -108,6 +141,8 @@ class S3NetSegmenter(Segmenter):
         least ``min_iter`` iterations, or after ``max_iter``. ``None`` = the mode's default
         (:data:`STOP_DEFAULTS`: paper 5 and 0.01, released 3 and 0, the notebook's rule).
         ``seed``: base seed; slice z of a volume uses ``seed + z``.
+        ``flatten``: divide out slow shading before clustering (:func:`flatten_shading`;
+        its blur width as a share of the longer side; 0 = off, as in the paper).
         """
         return {
             "mode": "paper",
@@ -126,6 +161,7 @@ class S3NetSegmenter(Segmenter):
             "w_spatial": 4.0,
             "max_scale": 1.25,
             "seed": 0,
+            "flatten": 0.0,
             "deform_impl": "auto",
             "channels_last": True,
         }
@@ -173,7 +209,7 @@ class S3NetSegmenter(Segmenter):
         shape = (size, size) if self.config["mode"] == "released" else fit_shape(x.shape[2:], size)
         if tuple(x.shape[2:]) != tuple(shape):
             x = F.interpolate(x, size=shape, mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(0.0, 1.0)
+        x = flatten_shading(x.clamp(0.0, 1.0), float(self.config.get("flatten", 0.0)))
         if self.config["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

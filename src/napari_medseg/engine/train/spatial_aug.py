@@ -10,6 +10,12 @@ voxel grids. Like nnU-Net, volumes whose slice axis is more than 3 times coarser
 in-plane axes ("anisotropic") are rotated only in plane (about the Z axis), by up to 180°;
 near-isotropic volumes are rotated about all three axes by up to 30°.
 
+Two optional warps go further than a rigid turn and a zoom (both off by default): an
+*anisotropic* zoom (the in-plane axes of anisotropic volumes, all axes otherwise, scaled by
+independent factors) and a smooth random *elastic* displacement (Gaussian values on a coarse
+lattice of control points, interpolated trilinearly), which changes the shape of structures and
+not only their size and pose.
+
 Arrays: images (C, Z, Y, X) float32, labels (Z, Y, X) int64; coordinates (z, y, x) in voxels;
 numpy in and out.
 """
@@ -35,6 +41,11 @@ class SpatialOptions:
         rotate_3d: Largest rotation (degrees) about each axis of near-isotropic volumes.
         scale: (low, high) range of the isotropic zoom factor (> 1 magnifies).
         anisotropy: Slice/in-plane spacing ratio above which only in-plane rotation is used.
+        stretch: Largest log-ratio between the zoom of each axis and the common zoom
+            (0 = isotropic zoom); anisotropic volumes keep their slice axis unstretched.
+        elastic: Standard deviation (mm) of the elastic displacement at each control point
+            (0 = none); anisotropic volumes are displaced in plane only.
+        elastic_grid: Distance (mm) between elastic control points.
     """
 
     prob: float = 0.7
@@ -42,6 +53,9 @@ class SpatialOptions:
     rotate_3d: float = 30.0
     scale: tuple[float, float] = (0.7, 1.4)
     anisotropy: float = 3.0
+    stretch: float = 0.0
+    elastic: float = 0.0
+    elastic_grid: float = 30.0
 
     def inplane_only(self, spacing: Sequence[float]) -> bool:
         """Whether volumes of this (z, y, x) spacing are rotated only in plane (anisotropic)."""
@@ -75,7 +89,42 @@ def random_matrix(spacing: Sequence[float], rng: np.random.Generator, opts: Spat
         for axis in range(3):
             r = r @ _rot(axis, math.radians(rng.uniform(-opts.rotate_3d, opts.rotate_3d)))
     zoom = math.exp(rng.uniform(math.log(opts.scale[0]), math.log(opts.scale[1])))
-    return r / zoom
+    if opts.stretch <= 0:
+        return r / zoom
+    axes = (1, 2) if opts.inplane_only(spacing) else (0, 1, 2)
+    per_axis = np.ones(3)
+    for a in axes:
+        per_axis[a] = math.exp(rng.uniform(-opts.stretch, opts.stretch))
+    # Stretch the output axes before turning, so the stretch direction turns with the rotation.
+    return r @ np.diag(1.0 / per_axis) / zoom
+
+
+def random_field(
+    patch: Sequence[int], spacing: Sequence[float], rng: np.random.Generator, opts: SpatialOptions
+) -> np.ndarray | None:
+    """A smooth random displacement (mm) for every output voxel, or ``None`` when off.
+
+    Args:
+        patch: (Z, Y, X) output size.
+        spacing: (z, y, x) voxel spacing (mm).
+        rng: Random source.
+        opts: ``elastic`` (mm) and ``elastic_grid`` (mm) set the amplitude and smoothness.
+
+    Returns:
+        (Z, Y, X, 3) float64 displacements in mm, (z, y, x) order, added to the output offsets
+        before the matrix.
+    """
+    if opts.elastic <= 0:
+        return None
+    sp = np.asarray(spacing, float)
+    extent = np.asarray(patch, float) * sp
+    nodes = [max(2, int(math.ceil(e / opts.elastic_grid)) + 1) for e in extent]
+    coarse = rng.normal(0.0, opts.elastic, size=(3, *nodes))
+    if opts.inplane_only(spacing):
+        coarse[0] = 0.0  # thick slices: no through-plane displacement
+    t = torch.from_numpy(coarse.astype(np.float32))[None]
+    fine = F.interpolate(t, size=tuple(int(p) for p in patch), mode="trilinear", align_corners=True)[0]
+    return np.moveaxis(fine.numpy().astype(np.float64), 0, -1)
 
 
 def warp_patch(
@@ -85,6 +134,7 @@ def warp_patch(
     patch: Sequence[int],
     spacing: Sequence[float],
     matrix: np.ndarray,
+    field: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a patch through ``matrix`` about ``centre``; outside the volume is 0 (background).
 
@@ -95,6 +145,7 @@ def warp_patch(
         patch: (Z, Y, X) output size.
         spacing: (z, y, x) voxel spacing of the volume (mm).
         matrix: (3, 3) physical offset transform from :func:`random_matrix`.
+        field: Optional (*patch, 3) displacement in mm from :func:`random_field`.
 
     Returns:
         (image patch (C, *patch) float32, label patch (*patch) int64 or ``None``); the
@@ -103,6 +154,8 @@ def warp_patch(
     sp = np.asarray(spacing, float)
     axes = [np.arange(p, dtype=np.float64) - (p - 1) / 2.0 for p in patch]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1) * sp  # (*patch, 3) offsets in mm
+    if field is not None:
+        grid = grid + field
     src = (grid @ matrix.T) / sp + np.asarray(centre, float)  # source voxel coordinates
     shape = np.asarray(image.shape[1:], float)
     # grid_sample wants (x, y, z) in [-1, 1] (align_corners=True: -1/1 are the edge voxels).

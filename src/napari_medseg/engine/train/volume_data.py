@@ -23,7 +23,7 @@ from napari_medseg.engine.metrics import dice_per_class
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.train.data import TrainingDataError, as_list, class_setup
 from napari_medseg.engine.train.regional_switch import SwitchOptions, random_switch
-from napari_medseg.engine.train.spatial_aug import SpatialOptions, random_matrix, warp_patch
+from napari_medseg.engine.train.spatial_aug import SpatialOptions, random_field, random_matrix, warp_patch
 from napari_medseg.engine.train.volume_geometry import (
     Plan,
     Spacing,
@@ -252,6 +252,8 @@ class VolumeData:
                 prob=float(cfg.get("spatial_prob", 0.0)) if options.augment != "none" else 0.0,
                 rotate_inplane=float(cfg.get("spatial_rotate", 180.0)),
                 scale=tuple(cfg.get("spatial_scale", (0.7, 1.4))),  # type: ignore[arg-type]
+                stretch=float(cfg.get("spatial_stretch", 0.0)),
+                elastic=float(cfg.get("spatial_elastic", 0.0)),
             ),
             unlabeled_per_batch=int(cfg["unlabeled_per_batch"]) if free else 0,
             strength={"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}[options.augment],
@@ -290,27 +292,30 @@ class VolumeData:
         volume: np.ndarray,
         label: np.ndarray | None,
         start: Sequence[int],
-        matrix: np.ndarray | None,
+        warp: tuple[np.ndarray, np.ndarray | None] | None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The patch at ``start``: a straight crop, or read through ``matrix`` about its centre."""
+        """The patch at ``start``: a straight crop, or read through ``warp`` about its centre."""
         patch = self.plan.patch
-        if matrix is None:
+        if warp is None:
             return crop(volume, start, patch), None if label is None else crop(label, start, patch)
         centre = [s + (p - 1) / 2.0 for s, p in zip(start, patch)]
-        return warp_patch(volume, label, centre, patch, self.plan.target_spacing, matrix)
+        return warp_patch(volume, label, centre, patch, self.plan.target_spacing, *warp)
 
-    def _matrix(self, rng: np.random.Generator) -> np.ndarray | None:
+    def _warp(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A random (matrix, displacement field) pair, or ``None`` for a straight crop."""
         if self.spatial.prob <= 0 or rng.random() >= self.spatial.prob:
             return None
-        return random_matrix(self.plan.target_spacing, rng, self.spatial)
+        spacing = self.plan.target_spacing
+        matrix = random_matrix(spacing, rng, self.spatial)
+        return matrix, random_field(self.plan.patch, spacing, rng, self.spatial)
 
     def _atlas_patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         i = self._indices[int(rng.integers(len(self._indices)))]
         img, lab = self.atlases[i]
         start = self._start(lab.shape, rng, lab)
-        # One rotation/zoom for both sources, so switched regions still roughly correspond.
-        matrix = self._matrix(rng)
-        a = self._read(img, lab, start, matrix)
+        # One warp for both sources, so switched regions still roughly correspond.
+        warp = self._warp(rng)
+        a = self._read(img, lab, start, warp)
         if rng.random() >= self.switch_prob:
             return a  # type: ignore[return-value]
         b = None
@@ -320,7 +325,7 @@ class VolumeData:
             # Same *relative* position: roughly corresponding anatomy in unregistered atlases.
             rel = [s / max(1, n - p) for s, n, p in zip(start, lab.shape, self.plan.patch)]
             bstart = [int(round(r * (n - p))) for r, n, p in zip(rel, blab.shape, self.plan.patch)]
-            b = self._read(bimg, blab, bstart, matrix)
+            b = self._read(bimg, blab, bstart, warp)
         image, label, _ = random_switch(a, b, rng, self.switch)  # type: ignore[arg-type]
         return image, label
 
@@ -347,7 +352,7 @@ class VolumeData:
             u1, u2 = [], []
             for _ in range(self.unlabeled_per_batch):
                 vol = self.unlabeled[int(rng.integers(len(self.unlabeled)))]
-                patch = self._read(vol, None, self._start(vol.shape[1:], rng, None), self._matrix(rng))[0]
+                patch = self._read(vol, None, self._start(vol.shape[1:], rng, None), self._warp(rng))[0]
                 u1.append(intensity_view(patch, rng, self.strength, self.curve_prob, self.gain_prob))
                 u2.append(
                     intensity_view(patch, rng, max(self.strength, 0.5), self.curve_prob, self.gain_prob)
