@@ -17,7 +17,7 @@ from napari_medseg.engine.clusters import (
     gt_cropped_dice,
     relabel_by_size,
 )
-from napari_medseg.engine.networks.s3_net import count_clusters
+from napari_medseg.engine.networks.s3_net import count_clusters, flatten_shading
 from napari_medseg.models import s3_losses as L
 from napari_medseg.models.s3_net import S3Net, deform_conv3x3_sampling
 
@@ -342,8 +342,6 @@ def shaded_disc(size: int = 48) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_flatten_shading_evens_the_skin_and_keeps_the_lesion() -> None:
-    from napari_medseg.engine.networks.s3_net import flatten_shading
-
     image, disc = shaded_disc(64)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     assert flatten_shading(x, 0.0) is x  # off: untouched

@@ -88,17 +88,6 @@ def count_clusters(labels: torch.Tensor, min_fraction: float = 0.0) -> int:
 RELEASED_SIZE = 256  # the authors' notebook resizes every image to 256²
 
 
-def _blur(lum: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (1, 1, h, w) with reflected borders (the frame stays out)."""
-    h, w = lum.shape[2:]
-    radius = min(int(3 * sigma), min(h, w) - 1)
-    t = torch.arange(-radius, radius + 1, dtype=lum.dtype, device=lum.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    lum = F.conv2d(F.pad(lum, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(lum, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
-
-
 def flatten_shading(x: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
     """Divide out slow illumination changes (vignetting, shading) before clustering.
 
@@ -114,8 +103,13 @@ def flatten_shading(x: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
     """
     if sigma_fraction <= 0:
         return x
-    lum = x.mean(1, keepdim=True)
-    light = _blur(lum, max(1.0, sigma_fraction * max(x.shape[2:])))
+    # Imported here: torchvision.transforms.v2 costs about 2 s at start-up, needed only when on.
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    sigma = max(1.0, sigma_fraction * max(x.shape[2:]))
+    # Reflected borders (torchvision's), so the image frame does not darken the estimate.
+    radius = min(int(3 * sigma), min(x.shape[2:]) - 1)
+    light = gaussian_blur(x.mean(1, keepdim=True), [2 * radius + 1] * 2, [sigma] * 2)
     out = x / (light + 0.02)  # the offset keeps near-black frames from turning into noise
     top = torch.quantile(out.flatten(2), 0.99, dim=2).clamp_min(1e-6)
     return (out / top[..., None, None]).clamp(0.0, 1.0)
