@@ -14,6 +14,7 @@ from napari_medseg.engine.clusters import (
     best_cluster,
     centre_cluster,
     cluster_at,
+    consensus_clusters,
     gt_cropped_dice,
     relabel_by_size,
 )
@@ -364,3 +365,58 @@ def test_flatten_option_reaches_the_working_input() -> None:
     plain = nms.load_model("s3-net", device="cpu", working_size=48)._working_input(x)
     flat = nms.load_model("s3-net", device="cpu", working_size=48, flatten=0.25)._working_input(x)
     assert plain.shape == flat.shape and not torch.allclose(plain, flat)
+
+
+def test_consensus_of_relabelled_copies_is_the_partition() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 4, (20, 24))
+    perms = [np.array([2, 0, 3, 1]), np.array([7, 5, 9, 4])]
+    maps = [base] + [p[base] for p in perms]  # same partition, arbitrary ids
+    np.testing.assert_array_equal(consensus_clusters(maps), relabel_by_size(base))
+
+
+def test_consensus_follows_the_majority() -> None:
+    left = np.zeros((30, 30), int)
+    left[:, 15:] = 1  # two halves
+    split = left.copy()
+    split[:10, :15] = 2  # one run splits the top of the left half off
+    merged = np.zeros_like(left)  # one run sees a single region
+    out = consensus_clusters([left, split, left], threshold=0.5)
+    np.testing.assert_array_equal(out, relabel_by_size(left))  # 2 of 3 keep the halves
+    out = consensus_clusters([left, merged, merged], threshold=0.5)
+    assert len(np.unique(out)) == 1  # 2 of 3 merge them
+    with pytest.raises(ValueError, match="same shape"):
+        consensus_clusters([left, left[:, :10]])
+
+
+def test_restarts_run_each_seed_and_combine() -> None:
+    image, disc = two_regions(32, noise=20)
+    opts = dict(device="cpu", channels=8, working_size=32, max_iter=4, min_labels=1)
+    seg = nms.load_model("s3-net", restarts=3, **opts)
+    labels, records = run(seg, image)
+    assert labels.shape == disc.shape and labels.min() == 1
+    assert {r.info["restart"] for r in records if "restart" in r.info} == {0, 1, 2}
+    assert records[-1].done == records[-1].total == 3 * 4
+    # The same as combining the three single runs with seeds 0, 1, 2 by hand.
+    singles = []
+    for seed in range(3):
+        one = nms.load_model("s3-net", seed=seed, **opts)
+        x = one._working_input(torch.from_numpy(one.prepare(image, None).data[:1]))
+        singles.append((yield_value(one.optimise(x, seed))).numpy())
+    np.testing.assert_array_equal(labels, consensus_clusters(singles))
+    # One restart is the plain single run.
+    np.testing.assert_array_equal(
+        nms.load_model("s3-net", restarts=1, **opts).segment(image),
+        nms.load_model("s3-net", **opts).segment(image),
+    )
+    with pytest.raises(ValueError, match="restarts"):
+        nms.load_model("s3-net", restarts=0, **opts).segment(image)
+
+
+def yield_value(gen):  # type: ignore[no-untyped-def]
+    """Drain a generator and return its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

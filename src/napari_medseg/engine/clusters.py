@@ -35,6 +35,55 @@ def relabel_by_size(labels: np.ndarray) -> np.ndarray:
     return rank[inverse.reshape(labels.shape)]
 
 
+def consensus_clusters(
+    maps: Sequence[np.ndarray], threshold: float = 0.65, min_fraction: float = 1e-3
+) -> np.ndarray:
+    """Consensus of several cluster maps of one image (evidence accumulation).
+
+    Pixels that carry the same tuple of ids in every map form a *fragment*. Two fragments
+    disagree by the share of maps that put them in different clusters; fragments are merged
+    by average linkage until the mean disagreement between groups would exceed
+    ``threshold``. Fragments smaller than ``min_fraction`` of the pixels do not take part in
+    the linkage (they are many and noisy) and join the group of the large fragment they
+    disagree with least. Ids are arbitrary in each map, so only co-membership counts.
+
+    Args:
+        maps: R ≥ 1 integer cluster maps of one shape (e.g. (Y, X)), from runs with
+            different seeds.
+        threshold: Largest mean disagreement (0–1) within a merged group; 0.65 with three
+            maps merges fragments that two of three runs put together.
+        min_fraction: Smallest fragment, as a share of the pixels, that joins the linkage.
+
+    Returns:
+        int32 map of the same shape with ids 1..K, 1 = the largest consensus cluster.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    shape = np.shape(maps[0])
+    if any(np.shape(m) != shape for m in maps):
+        raise ValueError("consensus_clusters: all maps must have the same shape")
+    stack = np.stack([np.asarray(m).ravel() for m in maps], axis=1)
+    tuples, inverse, counts = np.unique(stack, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    large = np.flatnonzero(counts >= min_fraction * stack.shape[0])
+    if large.size == 0:  # every fragment tiny: take the largest alone as the seed group
+        large = np.array([int(np.argmax(counts))])
+    ref = tuples[large]
+    if large.size > 1:
+        disagree = (ref[:, None, :] != ref[None, :, :]).mean(axis=-1)
+        upper = np.triu_indices(large.size, 1)
+        group_large = fcluster(linkage(disagree[upper], method="average"), t=threshold, criterion="distance")
+    else:
+        group_large = np.ones(1, dtype=np.int64)
+    group = np.zeros(len(tuples), dtype=np.int64)
+    group[large] = group_large
+    small = np.setdiff1d(np.arange(len(tuples)), large)
+    if small.size:
+        nearest = (tuples[small][:, None, :] != ref[None, :, :]).mean(axis=-1).argmin(axis=1)
+        group[small] = group_large[nearest]
+    return relabel_by_size(group[inverse].reshape(shape))
+
+
 def _check_point(point: Sequence[float], shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(point) != len(shape):
         raise ValueError(

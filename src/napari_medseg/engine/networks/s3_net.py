@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_medseg.engine.clusters import relabel_by_size
+from napari_medseg.engine.clusters import consensus_clusters, relabel_by_size
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard, register
 from napari_medseg.engine.runner import fit_shape
@@ -137,6 +137,9 @@ class S3NetSegmenter(Segmenter):
         ``seed``: base seed; slice z of a volume uses ``seed + z``.
         ``flatten``: divide out slow shading before clustering (:func:`flatten_shading`;
         its blur width as a share of the longer side; 0 = off, as in the paper).
+        ``restarts``: optimisations per image with different seeds, combined by
+        :func:`~napari_medseg.engine.clusters.consensus_clusters` with ``consensus_threshold``
+        (1 = one run, as in the paper; R runs cost R times as long).
         """
         return {
             "mode": "paper",
@@ -156,6 +159,8 @@ class S3NetSegmenter(Segmenter):
             "max_scale": 1.25,
             "seed": 0,
             "flatten": 0.0,
+            "restarts": 1,
+            "consensus_threshold": 0.65,
             "deform_impl": "auto",
             "channels_last": True,
         }
@@ -209,7 +214,13 @@ class S3NetSegmenter(Segmenter):
         return x
 
     def optimise(
-        self, x: torch.Tensor, seed: int, slice_index: int = 0, n_slices: int = 1
+        self,
+        x: torch.Tensor,
+        seed: int,
+        slice_index: int = 0,
+        n_slices: int = 1,
+        restart: int = 0,
+        restarts: int = 1,
     ) -> Generator[Progress, None, torch.Tensor]:
         """Optimise a new network on one image and return its clusters.
 
@@ -217,6 +228,7 @@ class S3NetSegmenter(Segmenter):
             x: (1, 3, h, w) float in [0, 1] at the working resolution, on :attr:`device`.
             seed: Seeds the weights, the affine transforms and the Sobel palette.
             slice_index, n_slices: Position in a volume (for the progress record only).
+            restart, restarts: Which of the image's seeded runs this is (progress only).
 
         Yields:
             :class:`Progress` after every SGD step (a cancel point).
@@ -260,12 +272,14 @@ class S3NetSegmenter(Segmenter):
             n_labels = count_clusters(labels)
             n_large = count_clusters(labels, min_fraction) if min_fraction > 0 else n_labels
             large = f" ({n_large} of >= {100 * min_fraction:g} % of the pixels)" if min_fraction > 0 else ""
+            run = f", run {restart + 1}/{restarts}" if restarts > 1 else ""
             yield Progress(
-                slice_index * max_iter + t + 1,
-                n_slices * max_iter,
-                f"slice {slice_index + 1}/{n_slices}: iteration {t + 1}, {n_labels} clusters{large}",
+                (slice_index * restarts + restart) * max_iter + t + 1,
+                n_slices * restarts * max_iter,
+                f"slice {slice_index + 1}/{n_slices}{run}: iteration {t + 1}, {n_labels} clusters{large}",
                 {
                     "slice": slice_index,
+                    "restart": restart,
                     "iteration": t + 1,
                     "clusters": n_labels,
                     "large_clusters": n_large,
@@ -304,14 +318,27 @@ class S3NetSegmenter(Segmenter):
         z = prep.data.shape[0]
         out = np.zeros((z,) + prep.data.shape[2:], dtype=np.int32)
         seed = int(self.config["seed"])
+        restarts = int(self.config.get("restarts", 1))
+        if restarts < 1:
+            raise ValueError(f"s3-net: restarts must be at least 1, got {restarts}")
         for i in range(z):
-            x = torch.from_numpy(prep.data[i : i + 1]).to(self.device)
-            raw = yield from self.optimise(self._working_input(x), seed + i, i, z)
+            x = self._working_input(torch.from_numpy(prep.data[i : i + 1]).to(self.device))
+            runs = []
+            for r in range(restarts):
+                # Run r of slice i: seed + i + r·z, so run 0 keeps the single-run seed and
+                # no two (slice, run) pairs of a volume share one.
+                raw = yield from self.optimise(x, seed + i + r * z, i, z, r, restarts)
+                runs.append(raw.to(torch.int64).cpu().numpy())
+            if restarts > 1:
+                merged = consensus_clusters(runs, float(self.config.get("consensus_threshold", 0.65)))
+            else:
+                merged = runs[0]
+            raw = torch.from_numpy(merged)
             if tuple(raw.shape) != tuple(out.shape[1:]):
                 raw = F.interpolate(raw[None, None].float(), size=out.shape[1:], mode="nearest-exact")[0, 0]
-            out[i] = relabel_by_size(raw.to(torch.int64).cpu().numpy())
-            total = z * int(self.config["max_iter"])
-            yield Progress((i + 1) * int(self.config["max_iter"]), total, f"slice {i + 1}/{z} done")
+            out[i] = relabel_by_size(raw.to(torch.int64).numpy())
+            per_slice = restarts * int(self.config["max_iter"])
+            yield Progress((i + 1) * per_slice, z * per_slice, f"slice {i + 1}/{z} done")
         self.module.eval()
         return out.reshape(prep.spatial_shape)
 
