@@ -19,6 +19,7 @@ from napari_medseg.engine.clusters import (
     relabel_by_size,
 )
 from napari_medseg.engine.networks.s3_net import count_clusters, flatten_shading
+from napari_medseg.engine.runner import drain
 from napari_medseg.models import s3_losses as L
 from napari_medseg.models.s3_net import S3Net, deform_conv3x3_sampling
 
@@ -402,7 +403,7 @@ def test_restarts_run_each_seed_and_combine() -> None:
     for seed in range(3):
         one = nms.load_model("s3-net", seed=seed, **opts)
         x = one._working_input(torch.from_numpy(one.prepare(image, None).data[:1]))
-        singles.append((yield_value(one.optimise(x, seed))).numpy())
+        singles.append(drain(one.optimise(x, seed)).numpy())
     np.testing.assert_array_equal(labels, consensus_clusters(singles))
     # One restart is the plain single run.
     np.testing.assert_array_equal(
@@ -411,12 +412,3 @@ def test_restarts_run_each_seed_and_combine() -> None:
     )
     with pytest.raises(ValueError, match="restarts"):
         nms.load_model("s3-net", restarts=0, **opts).segment(image)
-
-
-def yield_value(gen):  # type: ignore[no-untyped-def]
-    """Drain a generator and return its return value."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
