@@ -248,13 +248,14 @@ def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(vie
 
     img, _ = disc_image()
     viewer, w, _ = viewer_widget(data=img.astype(np.float32))
-    assert w.refine.isHidden()  # the toy network has no box refinement
+    assert w.options.editor("refine") is None  # the first network listed is not hf-sam
     seg = tiny("sam_vit_b", lora_rank=2)
     finetune_disc(seg, steps=2, lr=1e-2)
     entry = session_models(viewer).add("hf-sam", seg, label="img")
     w.select_network(entry.name)
-    assert not w.refine.isHidden() and w.refine.isChecked()
-    w.refine.setChecked(False)
+    refine = w.options.editor("refine")
+    assert refine is not None and not w.options.isHidden() and refine.isChecked()
+    refine.setChecked(False)
     w.run()
     wait_idle(qtbot, w)
     out = viewer.layers[f"img [{entry.name}]"]
@@ -264,3 +265,50 @@ def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(vie
     np.testing.assert_array_equal(out.data, seg.segment(img))
     seg.config["refine"] = "boxes"
     assert not np.array_equal(raw, out.data)  # unticking really skipped the refinement
+
+
+def test_s3_net_run_options_reach_the_run_and_survive_refreshes(viewer_widget, toy_registered, qtbot):
+    """The S³-Net form shows its defaults; edited values are what the run uses."""
+    img = volume(z=1, size=24)[0]
+    viewer, w, _ = viewer_widget(data=img)
+    w.select_network("s3-net")
+    assert w.options.keys() == ["mode", "restarts", "flatten", "working_size", "max_iter", "seed"]
+    assert w.options.values() == {
+        "mode": "paper",
+        "restarts": 1,
+        "flatten": 0.0,
+        "working_size": 0,
+        "max_iter": 50,
+        "seed": 0,
+    }
+    w.options.editor("restarts").setValue(2)
+    w.options.editor("max_iter").setValue(3)
+    w.options.editor("working_size").setValue(32)
+    session_models(viewer).add("toy-test-net", toy_registered(device="cpu"))  # refreshes the list
+    assert w.options.values()["restarts"] == 2  # the user's edits are not reset
+    w.run()
+    wait_idle(qtbot, w)
+    out = viewer.layers["img [s3-net]"]
+    seg = w._model_cache[1]
+    assert (seg.config["restarts"], seg.config["max_iter"], seg.config["working_size"]) == (2, 3, 32)
+    expected = load_model("s3-net", device="cpu", restarts=2, max_iter=3, working_size=32).segment(img)
+    np.testing.assert_array_equal(out.data, expected)
+    w.select_network("toy-test-net")
+    assert w.options.isHidden()
+
+
+def test_options_form_follows_the_chosen_checkpoint(viewer_widget, toy_registered, tmp_path):
+    """A checkpoint decides the network, so the form shows that network's saved settings."""
+    path = load_model("s3-net", device="cpu", restarts=4, flatten=0.25).save(tmp_path / "s3.safetensors")
+    _, w, _ = viewer_widget()
+    w.select_network("toy-test-net")
+    assert w.options.isHidden()
+    w.checkpoint.setText(str(path))
+    assert not w.options.isHidden()
+    values = w.options.values()
+    assert (values["restarts"], values["flatten"], values["mode"]) == (4, 0.25, "paper")
+    w.options.editor("restarts").setValue(2)
+    w.refresh_networks()
+    assert w.options.values()["restarts"] == 2  # same checkpoint: the edit stays
+    w.checkpoint.setText("")
+    assert w.options.isHidden()  # back to the toy, which has no options

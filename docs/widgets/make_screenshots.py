@@ -5,7 +5,9 @@
 It opens the 3D sample (MNI152 T1 with tissue labels), keeps the labels of five axial slices as
 if a user had painted them, fine-tunes STS-Net on them for a few steps in the Fine-tune widget,
 then segments an unpainted slice with the new session model in the Segment widget. Writes
-docs/images/widget-finetune.png and docs/images/widget-segment.png.
+docs/images/widget-finetune.png and docs/images/widget-segment.png. ``--only s3`` instead runs
+S³-Net with three runs per image on the 2D sample and writes docs/images/widget-segment-s3.png
+(the run options and the cluster-keeping box).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import napari  # noqa: E402
 import numpy as np  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
-from napari_medseg._sample_data import sample_3d  # noqa: E402
+from napari_medseg._sample_data import sample_2d, sample_3d  # noqa: E402
 from napari_medseg.widgets.finetune import FinetuneWidget  # noqa: E402
 from napari_medseg.widgets.segment import SegmentWidget  # noqa: E402
 
@@ -91,5 +93,32 @@ def main() -> None:
     viewer.close()
 
 
+def s3_screenshot() -> None:
+    """S³-Net with edited run options on the 2D sample, one click kept."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    ((img, img_kw, _),) = sample_2d()
+    image = viewer.add_image(img, **img_kw)
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg, name="Segment (MedSeg)", area="right")
+    seg.select_network("s3-net")
+    seg.options.editor("restarts").setValue(3)
+    viewer.layers.selection.active = image
+    seg.run()
+    wait(seg)
+    clicks = seg.add_click_layer()
+    h, w = img.shape[:2]
+    clicks.add([h * 0.5, w * 0.5])  # one click on the retina's main cluster
+    seg.keep_clicked_clusters()
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget-segment-s3.png"), canvas_only=False)
+    print(seg.status.text())  # noqa: T201 (script output)
+    viewer.close()
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--only", "s3"]:
+        s3_screenshot()
+    else:
+        main()

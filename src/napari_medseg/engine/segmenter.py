@@ -24,6 +24,7 @@ from napari_medseg.engine.image import PreparedImage, prepare_image
 from napari_medseg.engine.preprocess import IntensityPreset, resolve_preset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard
+from napari_medseg.engine.run_options import RunOption
 from napari_medseg.engine.runner import drain, run_slices
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,16 @@ class Segmenter:
     def default_config(cls) -> dict[str, Any]:
         """The network's configurable options and their defaults."""
         return {}
+
+    @classmethod
+    def run_options(cls) -> tuple[RunOption, ...]:
+        """Config keys a user may change before segmenting (the Segment widget's form).
+
+        Only options that act at segmentation time belong here (never ones that change the
+        network's shape or training); :func:`~napari_medseg.engine.run_options.apply_run_options`
+        checks values against them.
+        """
+        return ()
 
     def default_class_names(self) -> list[str]:
         """Class names used before training decides them."""

@@ -9,6 +9,7 @@ changes no layer.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -34,10 +35,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_medseg.engine.checkpoint import CheckpointError, read_metadata
 from napari_medseg.engine.device import available_devices, resolve_device
 from napari_medseg.engine.preprocess import PRESET_NAMES, get_preset
 from napari_medseg.engine.progress import Progress
-from napari_medseg.engine.registry import ModelCard, list_models, model_card
+from napari_medseg.engine.registry import ModelCard, list_models, model_card, segmenter_class
+from napari_medseg.engine.run_options import apply_run_options
 from napari_medseg.widgets._layers import (
     LayerCombo,
     LayerError,
@@ -47,6 +50,7 @@ from napari_medseg.widgets._layers import (
     output_name,
     points_to_indices,
 )
+from napari_medseg.widgets._options import OptionsForm
 from napari_medseg.widgets._worker import EngineJob
 from napari_medseg.widgets.session import session_models
 
@@ -67,7 +71,7 @@ def available_networks() -> list[str]:
 
 
 class SegmentWidget(QWidget):
-    """Dock widget: network, weights, device, intensity preset → Run / Cancel.
+    """Dock widget: network, its run options, weights, device, intensity preset → Run / Cancel.
 
     Args:
         napari_viewer: The viewer (napari passes it).
@@ -115,18 +119,13 @@ class SegmentWidget(QWidget):
             ct_layout.addWidget(QLabel(text))
             ct_layout.addWidget(w)
 
-        self.refine = QCheckBox("refine each piece with a box prompt")
-        self.refine.setChecked(True)
-        self.refine.setToolTip(
-            "HF-SAM without prompts: the bounding box of every piece it finds re-prompts SAM's "
-            "decoder, which draws tighter outlines (Kvasir-SEG, 5 painted images: Dice 0.70 → "
-            "0.77); costs one more image embedding per slice"
-        )
+        self.options = OptionsForm()
+        self._options_for: Any = None  # which model's options the form shows
 
         form = QFormLayout()
         form.addRow("Network", self.network)
         form.addRow("", self.card_info)
-        form.addRow("", self.refine)
+        form.addRow("", self.options)
         form.addRow("Weights", weights_row)
         form.addRow("Device", self.device)
         form.addRow("Intensity", self.preset)
@@ -260,13 +259,41 @@ class SegmentWidget(QWidget):
         self.card_info.setText(f"{card.title}" if card else "")
         self.card_info.setToolTip(card.summary if card else "")
         self.clusters_box.setVisible(card is not None and card.output == "clusters")
-        self.refine.setVisible(card is not None and card.name == "hf-sam")
+        self._show_options(sel, card)
         busy = self.job is not None and self.job.running
         reason = self.blocking_reason()
         self.reason.setText(reason)
         self.reason.setVisible(bool(reason))
         self.run_button.setEnabled(not busy and not reason)
         self.cancel_button.setEnabled(busy)
+
+    def _show_options(self, sel: tuple[str, str] | None, card: ModelCard | None) -> None:
+        """Rebuild the options form when the model to run changes (edits survive refreshes).
+
+        The form starts from the settings of the model that will run: a session model's
+        config, a chosen checkpoint's saved config (its own network's options, since a
+        checkpoint decides the network), or the network's defaults.
+        """
+        network, config, source = (card.name if card else None), None, ""
+        path = self.checkpoint.text().strip()
+        if sel is not None and sel[0] == _SESSION:
+            config = self.session.get(sel[1]).segmenter.config
+        elif path and Path(path).is_file():
+            try:
+                meta = read_metadata(path)
+                network, config = meta["model"], json.loads(meta.get("config", "{}"))
+                source = f"{path}@{Path(path).stat().st_mtime_ns}"
+            except (CheckpointError, KeyError, ValueError):
+                pass  # Run reports the bad file; the form keeps the network's defaults
+        key = (sel, network, source)
+        if key == self._options_for:
+            return
+        self._options_for = key
+        try:
+            options = segmenter_class(network).run_options() if network else ()
+        except KeyError:  # a checkpoint of a network this version does not know
+            options = ()
+        self.options.set_options(options, config)
 
     def _show_target(self, *_: Any) -> None:
         layer = self.viewer.layers.selection.active
@@ -324,16 +351,16 @@ class SegmentWidget(QWidget):
             return None
         make, label = self._model_maker()
         name = output_name(layer.name, label)
-        refine = None if self.refine.isHidden() else ("boxes" if self.refine.isChecked() else "off")
+        options = self.options.values()
 
         def job() -> Generator[Progress, None, np.ndarray]:
             yield Progress(0, 0, "loading the model")
             seg = make()
+            # Always a new dict: a session model's copy must not change the session model.
+            config = apply_run_options(seg.run_options(), seg.config, options)
             if seg.card.spatial_dims == 3:
-                seg.config["spacing"] = [float(v) for v in layer.scale[-3:]]  # voxel size (z, y, x)
-            if refine is not None and seg.config.get("refine", refine) != refine:
-                # A new dict: a session model's copy must not change the session model.
-                seg.config = {**seg.config, "refine": refine}
+                config["spacing"] = [float(v) for v in layer.scale[-3:]]  # voxel size (z, y, x)
+            seg.config = config
             labels = yield from seg.iter_segment(data, channel_axis)
             return labels
 

@@ -36,6 +36,7 @@ from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import ModelCard, register
+from napari_medseg.engine.run_options import RunOption
 from napari_medseg.engine.segmenter import NotTrainedError, Segmenter, match_channels
 from napari_medseg.models.hf_sam import HFSAM
 from napari_medseg.models.hf_sam.lora import add_lora, has_lora, lora_state
@@ -98,6 +99,22 @@ class HFSAMSegmenter(Segmenter):
         self.train_rng = np.random.default_rng(int(self.config["seed"]))
 
     # ----------------------------------------------------------------- config and build
+    @classmethod
+    def run_options(cls) -> tuple[RunOption, ...]:
+        """Prompt-free run options of the Segment widget (figures: docs/models/hf-sam.md)."""
+        return (
+            RunOption(
+                "refine",
+                "Refine each piece with a box prompt",
+                "bool",
+                "boxes",
+                "Without prompts: the bounding box of every piece found re-prompts SAM's decoder, "
+                "which draws tighter outlines (Kvasir-SEG, 5 painted images: Dice 0.70 → 0.77); "
+                "costs one more image embedding per slice",
+                values=("off", "boxes"),
+            ),
+        )
+
     @classmethod
     def default_config(cls) -> dict[str, Any]:
         """Options (``load_model("hf-sam", **options)``)."""
