@@ -112,6 +112,9 @@ class EfsMedSeg(Segmenter):
             # Share of training views darkened by a random gain in [0.4, 1]
             # (engine/train/volume_data.py intensity_view); 0 = off.
             "intensity_gain": 0.0,
+            # Share of atlas patches whose labeled structures get their own random gains
+            # (engine/train/volume_data.py class_gain); 0 = off.
+            "intensity_class_gain": 0.0,
             # Keep only the largest piece of classes that are one piece in every atlas:
             # "auto" (rule learned from the atlases), True (every class) or False.
             "keep_largest": "auto",
