@@ -26,6 +26,18 @@ def test_models_lists_networks(capsys):
     assert out.strip(), out
 
 
+def test_models_name_describes_the_network_and_its_run_options(capsys):
+    assert main(["models", "s3-net"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("s3-net: S³-Net")
+    assert 'mode = "paper"  (choice: "paper" | "released")' in out
+    assert "restarts = 1  (int: 1…10)" in out and "flatten = 0.0  (float: 0…0.5)" in out
+    assert main(["models", "hf-sam"]) == 0
+    assert 'refine = "boxes"  (bool: "off" | "boxes")' in capsys.readouterr().out
+    assert main(["models", "no-such-net"]) != 0
+    assert "known networks" in capsys.readouterr().err
+
+
 def test_train_then_segment(toy_registered, tmp_path, capsys):
     imgs, labs = tmp_path / "images", tmp_path / "labels"
     for i in range(3):

@@ -74,10 +74,41 @@ def _progress(total: int, desc: str, enabled: bool = True) -> Any:
 
 
 # ------------------------------------------------------------------------------ commands
+def _describe(name: str) -> str:
+    """One network's card and run options, as ``models NAME`` prints them."""
+    from napari_medseg.engine.registry import model_card, segmenter_class
+
+    c = model_card(name)
+    lines = [
+        f"{c.name}: {c.title}",
+        c.summary,
+        f"paper: {c.paper}",
+        f"weights: {c.weights}",
+        f"docs: {c.docs}",
+    ]
+    options = segmenter_class(name).run_options()
+    if options:
+        lines.append("run options (segment --option KEY=VALUE; also in the Segment widget):")
+        for o in options:
+            if o.kind == "choice":
+                allowed = " | ".join(json.dumps(v) for v in o.choices)
+            elif o.kind == "bool":
+                allowed = " | ".join(json.dumps(v) for v in o.values)
+            elif o.kind == "int":
+                allowed = f"{int(o.minimum)}…{int(o.maximum)}"
+            else:
+                allowed = f"{o.minimum:g}…{o.maximum:g}"
+            lines.append(f"  {o.key} = {json.dumps(o.default)}  ({o.kind}: {allowed})  {o.help}")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    """List registered networks."""
+    """List registered networks, or describe one (``models NAME``)."""
     from napari_medseg.engine.registry import list_models, model_card
 
+    if args.name:
+        sys.stdout.write(_describe(args.name))
+        return 0
     rows = []
     for name in list_models():
         c = model_card(name)
@@ -217,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list the networks", description="List the registered networks.")
+    m.add_argument("name", nargs="?", default="", help="describe this network and its run options")
     m.add_argument("--json", action="store_true", help="print the full model cards as JSON")
     m.set_defaults(func=cmd_models)
 
