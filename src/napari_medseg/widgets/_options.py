@@ -59,8 +59,8 @@ class OptionsForm(QWidget):
             editor.setChecked(bool(value is True or value == opt.values[1]))
         elif isinstance(editor, QComboBox):
             editor.setCurrentIndex(max(opt.choice_index(value), 0))
-        elif isinstance(editor, QSpinBox | QDoubleSpinBox):
-            editor.setValue(value)
+        elif isinstance(editor, QSpinBox | QDoubleSpinBox) and isinstance(value, int | float):
+            editor.setValue(value)  # anything else (None from an old config) keeps the default
 
     def values(self) -> dict[str, Any]:
         """Option key → config value, as the network's config expects it."""

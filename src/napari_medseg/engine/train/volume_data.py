@@ -72,11 +72,13 @@ CLASS_GAIN_RANGE = (0.35, 1.25)  # per-structure gain range of class_gain (log-u
 def class_gain(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Multiply each labeled structure of a (C, Z, Y, X) patch by its own random gain.
 
-    Label-guided contrast augmentation in the spirit of SynthSeg (Billot et al., 2023), kept
-    mild: the background keeps gain 1, every foreground class gets a log-uniform gain in
+    Label-guided contrast augmentation in the spirit of SynthSeg (Billot et al., 2023), milder
+    than it: the background keeps gain 1, every foreground class gets a log-uniform gain in
     :data:`CLASS_GAIN_RANGE`, and the gain map is blurred over about one voxel in plane so
     borders stay soft. It shows the network hearts whose blood pool is as dark as the
-    myocardium (ACDC patient 039), which no global intensity change produces.
+    myocardium (ACDC patient 039), which no global intensity change produces. Measured: it
+    lowered held-out ACDC Dice from 0.600 to 0.384 (the network learns that brightness says
+    little, and two atlases do not teach shape well enough), so it is off by default.
 
     Args:
         image: (C, Z, Y, X) float32 in [0, 1].
