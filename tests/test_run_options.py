@@ -50,3 +50,14 @@ def test_bool_option_writes_its_own_values():
     assert opt.shown({"refine": "off"}) is False and opt.shown({}) is True
     with pytest.raises(ValueError, match="expected one of"):
         opt.check("yes")
+
+
+def test_load_model_checks_run_options_like_the_widget():
+    import napari_medseg as nms
+
+    seg = nms.load_model("s3-net", device="cpu", restarts="3", max_iter=7)
+    assert seg.config["restarts"] == 3 and isinstance(seg.config["restarts"], int)
+    with pytest.raises(ValueError, match=r"s3-net: Runs per image \(restarts\): 0 is outside 1…10"):
+        nms.load_model("s3-net", device="cpu", restarts=0)
+    with pytest.raises(ValueError, match="expected one of"):
+        nms.load_model("s3-net", device="cpu", mode="fast")

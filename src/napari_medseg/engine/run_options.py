@@ -64,20 +64,26 @@ class RunOption:
             elif value in self.values:
                 on = value == self.values[1]
             else:
-                raise ValueError(f"{self.label}: expected one of {list(self.values)}, got {value!r}")
+                raise ValueError(
+                    f"{self.label} ({self.key}): expected one of {list(self.values)}, got {value!r}"
+                )
             return self.values[1] if on else self.values[0]
         if self.kind == "choice":
             if self.choice_index(value) < 0:
-                raise ValueError(f"{self.label}: expected one of {list(self.choices)}, got {value!r}")
+                raise ValueError(
+                    f"{self.label} ({self.key}): expected one of {list(self.choices)}, got {value!r}"
+                )
             return value
         try:
             number = int(value) if self.kind == "int" else float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{self.label}: expected a number, got {value!r}") from None
+            raise ValueError(f"{self.label} ({self.key}): expected a number, got {value!r}") from None
         if self.kind == "int" and number != float(value):
-            raise ValueError(f"{self.label}: expected a whole number, got {value!r}")
+            raise ValueError(f"{self.label} ({self.key}): expected a whole number, got {value!r}")
         if not self.minimum <= number <= self.maximum:
-            raise ValueError(f"{self.label}: {number:g} is outside {self.minimum:g}…{self.maximum:g}")
+            raise ValueError(
+                f"{self.label} ({self.key}): {number:g} is outside {self.minimum:g}…{self.maximum:g}"
+            )
         return number
 
     def shown(self, config: Mapping[str, Any]) -> Any:

@@ -24,7 +24,7 @@ from napari_medseg.engine.image import PreparedImage, prepare_image
 from napari_medseg.engine.preprocess import IntensityPreset, resolve_preset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard
-from napari_medseg.engine.run_options import RunOption
+from napari_medseg.engine.run_options import RunOption, apply_run_options
 from napari_medseg.engine.runner import drain, run_slices
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ class Segmenter:
                 f"{self.card.name}: unknown option(s) {sorted(unknown)}; "
                 f"known: {sorted(self.default_config())}"
             )
+        given = {o.key: options[o.key] for o in self.run_options() if o.key in options}
+        try:  # run options get the same checks as in the widget (range, type, choices)
+            options = apply_run_options(self.run_options(), options, given)
+        except ValueError as err:
+            raise ValueError(f"{self.card.name}: {err}") from None
         self.config: dict[str, Any] = {**self.default_config(), **(config or {}), **options}
         self.device = resolve_device(device)
         self.preset: IntensityPreset | None = (
