@@ -149,8 +149,8 @@ class EfsMedSeg(Segmenter):
                 "with in-plane turns (anisotropic volumes, ACDC +0.025 Dice); on other models the "
                 "turned views were never seen and lower Dice (LA-2018 0.865 → 0.721). 4 turns "
                 "cost 4× the time",
-                choices=("auto", 1, 4),
-                choice_labels=("auto (as trained)", "off", "4 turns"),
+                choices=("auto", 1, 2, 4),
+                choice_labels=("auto (as trained)", "off", "2 turns (0°, 90°)", "4 turns"),
             ),
             RunOption(
                 "keep_largest",
