@@ -270,9 +270,15 @@ def nodules(seg, diameters: list[float], per_size: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 3. few-shot
 def fewshot(
-    ks: list[int], n_test: int, steps: int, datasets: list[str], options: dict | None = None
+    ks: list[int],
+    n_test: int,
+    steps: int,
+    datasets: list[str],
+    options: dict | None = None,
+    model_options: dict | None = None,
 ) -> list[dict]:
-    """Few-shot curve; ``options`` are extra training options (``--fewshot-option``)."""
+    """Few-shot curve; ``options`` are extra training options (``--fewshot-option``),
+    ``model_options`` network options of the fine-tuned model (``--fewshot-model-option``)."""
     rows = []
     for ds in datasets:
         if not (DATA / ds).is_dir():
@@ -285,7 +291,7 @@ def fewshot(
         base = nms.load_model("hf-sam", device="cpu")
         zero = statistics.mean(dice(base.prompt(im).predict(box=mask_box(m)), m) for im, m in test)
         for k in ks:
-            seg = nms.load_model("hf-sam", device="cpu")
+            seg = nms.load_model("hf-sam", device="cpu", **(model_options or {}))
             t0 = time.perf_counter()
             last = None
             for record in seg.finetune(
@@ -354,6 +360,13 @@ def main() -> None:
         metavar="KEY=JSON",
         help="training option, e.g. ema=0.95",
     )
+    ap.add_argument(
+        "--fewshot-model-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="network option of the fine-tuned model, e.g. prompt_loss_weight=0",
+    )
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--precision", action="store_true", help="also compare the fp32 and bf16 encoder")
     ap.add_argument("--skip-small", action="store_true")
@@ -404,10 +417,12 @@ def main() -> None:
         steps = args.fewshot_steps or (20 if args.quick else 100)
         datasets = args.fewshot_datasets.split(",")
         options = parse_pairs(args.fewshot_option)
-        rows_fs = fewshot(ks, 5 if args.quick else 20, steps, datasets, options)
+        model_options = parse_pairs(args.fewshot_model_option)
+        rows_fs = fewshot(ks, 5 if args.quick else 20, steps, datasets, options, model_options)
         print("\n## Few-shot\n")
         print(table(rows_fs, list(rows_fs[0]) if rows_fs else []))
         out["fewshot"], out["fewshot_options"] = rows_fs, options
+        out["fewshot_model_options"] = model_options
     out["peak_rss_mb"] = peak_rss_mb()
     path = save(args.name, out)
     print(f"\nwrote {path}")
