@@ -215,29 +215,29 @@ def test_keep_clusters_under_clicked_points(viewer_widget, clusters_network, qtb
     clusters[20:, 20:] = 3
     lab = viewer.add_labels(clusters, name="img [toy-clusters]", scale=(0.5, 0.5), translate=(2.0, 3.0))
     w.select_network("toy-clusters")
-    w.clusters_labels.set_layer(lab.name)
-    pts = w.add_click_layer()
+    w.clusters_box.labels.set_layer(lab.name)
+    pts = w.clusters_box.add_click_layer()
     assert pts is not None and pts.mode == "add"
     pts.add([[30, 5], [35, 38]])  # clicks (in the click layer's data space) on clusters 2 and 3
     pytest.importorskip("napari_medseg.engine.clusters")
-    out = w.keep_clicked_clusters()
+    out = w.clusters_box.keep_clicked_clusters()
     assert out is not None
     np.testing.assert_array_equal(out.data > 0, clusters >= 2)
     # clicks from a layer with another geometry: world (2 + 0.5 * 5, 3 + 0.5 * 5) → cluster 1
     other = viewer.add_points([[2.0 + 0.5 * 5, 3.0 + 0.5 * 5]], name="world clicks")
-    w.clusters_points.set_layer(other.name)
-    out = w.keep_clicked_clusters()
+    w.clusters_box.points.set_layer(other.name)
+    out = w.clusters_box.keep_clicked_clusters()
     np.testing.assert_array_equal(out.data > 0, clusters == 1)
     np.testing.assert_allclose(out.translate, (2.0, 3.0))
     # a ring cluster around a centre one: "fill holes" keeps the filled disc
     ring = clusters.copy()
     ring[22:38, 2:18] = 3  # cluster 2 now rings a square of 3 in the lower-left quarter
     ring_layer = viewer.add_labels(ring, name="ring", scale=(0.5, 0.5), translate=(2.0, 3.0))
-    w.clusters_labels.set_layer(ring_layer.name)
-    w.clusters_points.set_layer(pts.name)
+    w.clusters_box.labels.set_layer(ring_layer.name)
+    w.clusters_box.points.set_layer(pts.name)
     pts.data = [[21, 1]]  # on the rim (cluster 2)
-    w.fill_holes.setChecked(True)
-    out = w.keep_clicked_clusters()
+    w.clusters_box.fill_holes.setChecked(True)
+    out = w.clusters_box.keep_clicked_clusters()
     np.testing.assert_array_equal(out.data > 0, (ring == 2) | ((ring == 3) & (np.arange(40) < 20)[None, :]))
     np.testing.assert_array_equal(lab.data, clusters)  # user layers untouched
     np.testing.assert_array_equal(ring_layer.data, ring)

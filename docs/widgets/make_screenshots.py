@@ -107,10 +107,10 @@ def s3_screenshot() -> None:
     viewer.layers.selection.active = image
     seg.run()
     wait(seg)
-    clicks = seg.add_click_layer()
+    clicks = seg.clusters_box.add_click_layer()
     h, w = img.shape[:2]
     clicks.add([h * 0.5, w * 0.5])  # one click on the retina's main cluster
-    seg.keep_clicked_clusters()
+    seg.clusters_box.keep_clicked_clusters()
     QApplication.processEvents()
     viewer.screenshot(str(OUT / "widget-segment-s3.png"), canvas_only=False)
     print(seg.status.text())  # noqa: T201 (script output)

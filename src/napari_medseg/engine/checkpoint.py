@@ -118,6 +118,19 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     return meta
 
 
+def read_model_config(path: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """A checkpoint's network name and config, without reading its tensors (cheap).
+
+    Raises:
+        CheckpointError: Every problem of :func:`read_metadata`, or unreadable model/config.
+    """
+    meta = read_metadata(path)
+    try:
+        return meta["model"], json.loads(meta.get("config", "{}"))
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{Path(path).name} has no readable network name or config") from None
+
+
 def load_checkpoint(path: str | os.PathLike[str], expect_model: str | None = None) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint`.
 

@@ -66,6 +66,7 @@ class Segmenter:
     """
 
     card: ClassVar[ModelCard]
+    RUN_OPTIONS: ClassVar[tuple[RunOption, ...]] = ()
 
     def __init__(
         self,
@@ -107,11 +108,11 @@ class Segmenter:
     def run_options(cls) -> tuple[RunOption, ...]:
         """Config keys a user may change before segmenting (the Segment widget's form).
 
-        Only options that act at segmentation time belong here (never ones that change the
-        network's shape or training); :func:`~napari_medseg.engine.run_options.apply_run_options`
-        checks values against them.
+        Subclasses list them in :attr:`RUN_OPTIONS`. Only options that act at segmentation
+        time belong there (never ones that change the network's shape or training);
+        :func:`~napari_medseg.engine.run_options.apply_run_options` checks values against them.
         """
-        return ()
+        return cls.RUN_OPTIONS
 
     def default_class_names(self) -> list[str]:
         """Class names used before training decides them."""

