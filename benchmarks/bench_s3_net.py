@@ -48,15 +48,17 @@ DATA = Path(os.environ.get("MEDSEG_DATA", "/work/shared/data"))
 OUT = Path(__file__).parent / "results" / "bench_s3_net.json"
 
 
-def cases(dataset: str, n: int, square: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The first ``n`` (stem, image, mask>0) pairs of a dataset, sorted by file name.
+def cases(dataset: str, n: int, square: int = 0, skip: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``n`` (stem, image, mask>0) pairs of a dataset, sorted by file name, after the first ``skip``.
+
+    ``skip`` > 0 scores images that were not used to choose options (held-out images).
 
     ``square`` > 0 resizes image (bicubic) and mask (nearest) to ``square``² first, the size
     the issue's speed target names (a 256² image).
     """
     root = DATA / dataset
     out = []
-    for ip in sorted((root / "images").iterdir())[:n]:
+    for ip in sorted((root / "images").iterdir())[skip : skip + n]:
         img, msk = Image.open(ip), Image.open(root / "masks" / ip.name)
         if square:
             img = img.resize((square, square), Image.Resampling.BICUBIC)
@@ -157,12 +159,14 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["ph2", "busi", "kvasir_seg"])
     ap.add_argument("--modes", nargs="+", default=["paper", "released"])
     ap.add_argument("--n", type=int, default=20, help="images per dataset")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N images (by name) of each set")
     ap.add_argument("--working-size", type=int, default=0, help="0: the default (paper 128, released 256)")
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--square", type=int, default=0, help="resize every image to N x N first (0 = keep)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--set", nargs="*", default=[], help="S3-Net options KEY=JSON_VALUE (e.g. w_spatial=8)")
+    ap.add_argument("--recipe", default=None, help="a named set of run options (e.g. consensus); --set wins")
     ap.add_argument(
         "--oracle-extras", action="store_true", help="also score oracle choices beyond one cluster"
     )
@@ -175,6 +179,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"working_size": args.working_size, "max_iter": args.max_iter} | parse_pairs(args.set)
+    if args.recipe:
+        options["recipe"] = args.recipe
     if args.iteration_ab:
         stem, image, _ = cases(args.datasets[0], 1)[0]
         ab = iteration_ab(image, args.working_size)
@@ -187,7 +193,7 @@ def main() -> None:
 
     rows, per_image = [], []
     for dataset in args.datasets:
-        data = cases(dataset, args.n, args.square)
+        data = cases(dataset, args.n, args.square, args.skip)
         for mode in args.modes:
             scores: dict[str, list[float]] = {}
             for stem, image, mask in data:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import napari_medseg as nms
 from conftest import disc_image
 from napari_medseg.cli import build_parser, main
 from napari_medseg.engine.io import read_image, write_image
@@ -36,6 +37,23 @@ def test_models_name_describes_the_network_and_its_run_options(capsys):
     assert 'refine = "boxes"  (bool: "off" | "boxes")' in capsys.readouterr().out
     assert main(["models", "no-such-net"]) != 0
     assert "known networks" in capsys.readouterr().err
+
+
+def test_segment_recipe_sets_run_options_and_options_override_it(tmp_path, capsys):
+    assert main(["models", "s3-net"]) == 0
+    assert "consensus: channels=16, restarts=7, flatten=0.25" in capsys.readouterr().out
+    image, _ = disc_image(seed=0, center=(20, 20))
+    write_image(tmp_path / "img.tif", image[:40, :40])
+    out = tmp_path / "clusters.tif"
+    base = ["segment", "s3-net", str(tmp_path / "img.tif"), "-o", str(out), "--device", "cpu"]
+    fast = ["--option", "restarts=2", "--option", "max_iter=2", "--option", "working_size=24"]
+    assert main([*base, "--recipe", "consensus", *fast]) == 0
+    expect = nms.load_model(
+        "s3-net", device="cpu", recipe="consensus", restarts=2, max_iter=2, working_size=24
+    )
+    assert np.array_equal(read_image(out).data, expect.segment(image[:40, :40]))  # the recipe reached the run
+    assert main([*base, "--recipe", "fastest"]) != 0
+    assert "unknown recipe 'fastest'; known: ['paper', 'consensus']" in capsys.readouterr().err
 
 
 def test_train_then_segment(toy_registered, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from napari_medseg.engine.registry import list_models, segmenter_class
-from napari_medseg.engine.run_options import RunOption, apply_run_options
+from napari_medseg.engine.run_options import RunOption, apply_run_options, find_recipe
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -38,7 +38,7 @@ def test_apply_checks_types_ranges_and_keys_and_leaves_the_input_alone():
         ({"restarts": "many"}, "expected a number"),
         ({"mode": "fast"}, "expected one of"),
         ({"keep_largest": 1}, "expected one of"),  # 1 is not the choice True
-        ({"channels": 8}, "unknown run option"),
+        ({"lr": 0.1}, "unknown run option"),
     ):
         with pytest.raises(ValueError, match=message):
             apply_run_options(options, config, bad)
@@ -61,3 +61,42 @@ def test_load_model_checks_run_options_like_the_widget():
         nms.load_model("s3-net", device="cpu", restarts=0)
     with pytest.raises(ValueError, match="expected one of"):
         nms.load_model("s3-net", device="cpu", mode="fast")
+
+
+def test_recipes_are_checked_run_options_and_paper_is_the_defaults():
+    for name in list_models():
+        cls = segmenter_class(name)
+        names = [r.name for r in cls.RUN_RECIPES]
+        assert len(names) == len(set(names)), name
+        for r in cls.RUN_RECIPES:
+            assert apply_run_options(cls.run_options(), {}, r.as_dict()) == r.as_dict(), (name, r.name)
+    s3 = segmenter_class("s3-net")
+    paper, consensus = (find_recipe(s3.RUN_RECIPES, n) for n in ("paper", "consensus"))
+    defaults = {o.key: o.default for o in s3.run_options()}
+    assert paper.matches(s3.run_options(), defaults) and not consensus.matches(s3.run_options(), defaults)
+    assert consensus.matches(s3.run_options(), defaults | consensus.as_dict())
+    with pytest.raises(ValueError, match=r"unknown recipe 'fast'; known: \['paper', 'consensus'\]"):
+        find_recipe(s3.RUN_RECIPES, "fast")
+
+
+def test_load_model_recipe_sets_its_options_and_explicit_options_win(tmp_path):
+    import napari_medseg as nms
+
+    seg = nms.load_model("s3-net", device="cpu", recipe="consensus", restarts=2)
+    assert (seg.config["channels"], seg.config["restarts"], seg.config["flatten"]) == (16, 2, 0.25)
+    with pytest.raises(ValueError, match="s3-net: unknown recipe 'x'"):
+        nms.load_model("s3-net", device="cpu", recipe="x")
+    with pytest.raises(ValueError, match="efs-medseg: it has no recipes"):
+        nms.load_model("efs-medseg", device="cpu", recipe="consensus")
+    # From a checkpoint, options get the same checks as by name.
+    path = tmp_path / "s3.safetensors"
+    nms.load_model("s3-net", device="cpu", channels=8).save(path)
+    again = nms.load_model(path, device="cpu", recipe="paper", restarts=3)
+    assert (again.config["channels"], again.config["restarts"]) == (8, 3)
+    with pytest.raises(ValueError, match=r"Runs per image \(restarts\): 0 is outside"):
+        nms.load_model(path, device="cpu", restarts=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['bogus'\]"):
+        nms.load_model(path, device="cpu", bogus=1)
+    fixed = nms.load_model(path, device="cpu", preset="uint8", class_names=["background", "clusters"])
+    assert fixed.preset is not None and fixed.preset.name == "uint8" and "preset" not in fixed.config
+    assert fixed.class_names == ["background", "clusters"]

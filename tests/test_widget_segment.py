@@ -272,10 +272,11 @@ def test_s3_net_run_options_reach_the_run_and_survive_refreshes(viewer_widget, t
     img = volume(z=1, size=24)[0]
     viewer, w, _ = viewer_widget(data=img)
     w.select_network("s3-net")
-    assert w.options.keys() == ["mode", "restarts", "flatten", "working_size", "max_iter", "seed"]
+    assert w.options.keys() == ["mode", "restarts", "channels", "flatten", "working_size", "max_iter", "seed"]
     assert w.options.values() == {
         "mode": "paper",
         "restarts": 1,
+        "channels": 64,
         "flatten": 0.0,
         "working_size": 0,
         "max_iter": 50,
@@ -297,6 +298,28 @@ def test_s3_net_run_options_reach_the_run_and_survive_refreshes(viewer_widget, t
     assert w.options.isHidden()
 
 
+def test_s3_net_recipe_fills_the_form_and_edits_show_custom(viewer_widget, qtbot):
+    """Choosing a recipe sets its options; editing one shows 'custom'; the run uses the form."""
+    img = volume(z=1, size=24)[0]
+    viewer, w, _ = viewer_widget(data=img)
+    w.select_network("s3-net")
+    assert w.options.recipe.currentText().startswith("Paper") and w.options.recipe_name() == "paper"
+    w.options.recipe.activated.emit(1)  # what a user's choice of the second entry sends
+    values = w.options.values()
+    assert (values["channels"], values["restarts"], values["flatten"], values["seed"]) == (16, 7, 0.25, 0)
+    assert w.options.recipe_name() == "consensus" and w.options.recipe.currentIndex() == 1
+    w.options.editor("restarts").setValue(2)
+    assert w.options.recipe.currentText() == "custom"
+    w.options.editor("max_iter").setValue(3)
+    w.options.editor("working_size").setValue(32)
+    w.run()
+    wait_idle(qtbot, w)
+    expected = load_model("s3-net", device="cpu", recipe="consensus", restarts=2, max_iter=3, working_size=32)
+    np.testing.assert_array_equal(viewer.layers["img [s3-net]"].data, expected.segment(img))
+    w.options.recipe.activated.emit(0)
+    assert w.options.values()["channels"] == 64 and w.options.values()["restarts"] == 1
+
+
 def test_options_form_follows_the_chosen_checkpoint(viewer_widget, toy_registered, tmp_path):
     """A checkpoint decides the network, so the form shows that network's saved settings."""
     path = load_model("s3-net", device="cpu", restarts=4, flatten=0.25).save(tmp_path / "s3.safetensors")
@@ -307,6 +330,7 @@ def test_options_form_follows_the_chosen_checkpoint(viewer_widget, toy_registere
     assert not w.options.isHidden()
     values = w.options.values()
     assert (values["restarts"], values["flatten"], values["mode"]) == (4, 0.25, "paper")
+    assert w.options.recipe_name() == "custom" and w.options.recipe.currentText() == "custom"
     w.options.editor("restarts").setValue(2)
     w.refresh_networks()
     assert w.options.values()["restarts"] == 2  # same checkpoint: the edit stays

@@ -6,8 +6,8 @@ It opens the 3D sample (MNI152 T1 with tissue labels), keeps the labels of five 
 if a user had painted them, fine-tunes STS-Net on them for a few steps in the Fine-tune widget,
 then segments an unpainted slice with the new session model in the Segment widget. Writes
 docs/images/widget-finetune.png and docs/images/widget-segment.png. ``--only s3`` instead runs
-S³-Net with three runs per image on the 2D sample and writes docs/images/widget-segment-s3.png
-(the run options and the cluster-keeping box).
+S³-Net with the "consensus" recipe on the 2D sample and writes docs/images/widget-segment-s3.png
+(the recipe list, the run options and the cluster-keeping box).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
 
 
 def s3_screenshot() -> None:
-    """S³-Net with edited run options on the 2D sample, one click kept."""
+    """S³-Net with the "consensus" recipe on the 2D sample, one click kept."""
     OUT.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 950)
@@ -103,7 +103,7 @@ def s3_screenshot() -> None:
     seg = SegmentWidget(viewer)
     viewer.window.add_dock_widget(seg, name="Segment (MedSeg)", area="right")
     seg.select_network("s3-net")
-    seg.options.editor("restarts").setValue(3)
+    seg.options.apply_recipe("consensus")
     viewer.layers.selection.active = image
     seg.run()
     wait(seg)

@@ -99,6 +99,12 @@ def _describe(name: str) -> str:
             else:
                 allowed = f"{o.minimum:g}…{o.maximum:g}"
             lines.append(f"  {o.key} = {json.dumps(o.default)}  ({o.kind}: {allowed})  {o.help}")
+    recipes = segmenter_class(name).RUN_RECIPES
+    if recipes:
+        lines.append("recipes (segment --recipe NAME; the Segment widget's Recipe list):")
+        for r in recipes:
+            values = ", ".join(f"{k}={json.dumps(v)}" for k, v in r.values) or "the defaults"
+            lines.append(f"  {r.name}: {values}  {r.help}")
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +140,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     extra = _options(args.option)
     if args.preset:
         extra["preset"] = args.preset
+    if args.recipe:
+        extra["recipe"] = args.recipe
     seg = load_model(args.model, device=args.device, **extra)
     if seg.card.spatial_dims == 3:
         seg.config["spacing"] = list(image.scale)
@@ -270,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--channel-axis", type=int, default=None, help="axis of RGB channels, if not last")
     s.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="network option (repeatable)"
+    )
+    s.add_argument(
+        "--recipe",
+        default=None,
+        help="a named set of run options (see `models NAME`); --option values override it",
     )
     s.set_defaults(func=cmd_segment)
 

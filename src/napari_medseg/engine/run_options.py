@@ -94,6 +94,49 @@ class RunOption:
         return value
 
 
+@dataclass(frozen=True)
+class RunRecipe:
+    """A named set of run-option values: a measured starting point for one kind of image.
+
+    Attributes:
+        name: Key used by ``load_model(..., recipe=name)`` and ``segment --recipe``.
+        label: Short text for a form's recipe list.
+        help: What it is for and what it measured (tooltip, ``models NAME``).
+        values: (option key, value) pairs; options it does not name keep the network's
+            defaults.
+    """
+
+    name: str
+    label: str
+    help: str
+    values: tuple[tuple[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Option key → value."""
+        return dict(self.values)
+
+    def matches(self, options: Sequence[RunOption], values: Mapping[str, Any]) -> bool:
+        """Whether ``values`` (a form's, key → config value) are this recipe's settings.
+
+        Options the recipe does not name must be at their defaults.
+        """
+        mine = self.as_dict()
+        return all(values.get(o.key) == mine.get(o.key, o.default) for o in options)
+
+
+def find_recipe(recipes: Sequence[RunRecipe], name: str) -> RunRecipe:
+    """The recipe called ``name``.
+
+    Raises:
+        ValueError: No such recipe (the message lists the known ones).
+    """
+    for r in recipes:
+        if r.name == name:
+            return r
+    known = [r.name for r in recipes]
+    raise ValueError(f"unknown recipe {name!r}; known: {known}" if known else f"it has no recipes ({name!r})")
+
+
 def apply_run_options(
     options: Sequence[RunOption], config: Mapping[str, Any], values: Mapping[str, Any]
 ) -> dict[str, Any]:

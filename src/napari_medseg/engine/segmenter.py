@@ -24,7 +24,7 @@ from napari_medseg.engine.image import PreparedImage, prepare_image
 from napari_medseg.engine.preprocess import IntensityPreset, resolve_preset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard
-from napari_medseg.engine.run_options import RunOption, apply_run_options
+from napari_medseg.engine.run_options import RunOption, RunRecipe, apply_run_options, find_recipe
 from napari_medseg.engine.runner import drain, run_slices
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Segmenter:
 
     card: ClassVar[ModelCard]
     RUN_OPTIONS: ClassVar[tuple[RunOption, ...]] = ()
+    RUN_RECIPES: ClassVar[tuple[RunRecipe, ...]] = ()
 
     def __init__(
         self,
@@ -74,9 +75,15 @@ class Segmenter:
         device: str | torch.device | None = "auto",
         preset: str | IntensityPreset | None = "auto",
         class_names: Sequence[str] | None = None,
+        recipe: str | None = None,
         **options: Any,
     ) -> None:
         tune_cpu_allocator()
+        if recipe is not None:  # a named set of run options; explicit options win over it
+            try:
+                options = {**find_recipe(self.RUN_RECIPES, recipe).as_dict(), **options}
+            except ValueError as err:
+                raise ValueError(f"{self.card.name}: {err}") from None
         unknown = set(options) - set(self.default_config())
         if unknown:
             raise TypeError(
@@ -331,18 +338,28 @@ class Segmenter:
             ),
         )
 
+    @staticmethod
+    def checkpoint_kwargs(ckpt: Checkpoint, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Constructor arguments that rebuild ``ckpt``'s segmenter with ``options`` on top.
+
+        ``options`` may hold ``preset``, ``class_names`` and ``recipe`` besides config keys;
+        config keys get the same checks as in :func:`~napari_medseg.load_model` by name.
+        """
+        opts = dict(options)
+        saved_preset = IntensityPreset.from_json(ckpt.preset) if ckpt.preset else "auto"
+        return {
+            "config": dict(ckpt.config),
+            "preset": opts.pop("preset", None) or saved_preset,
+            "class_names": opts.pop("class_names", None) or ckpt.class_names or None,
+            **opts,
+        }
+
     @classmethod
     def from_checkpoint(
         cls, ckpt: Checkpoint, source: str, device: str | torch.device | None = "auto", **options: Any
     ) -> Segmenter:
         """Rebuild a segmenter from a loaded checkpoint (``options`` override the config)."""
-        preset = IntensityPreset.from_json(ckpt.preset) if ckpt.preset else "auto"
-        seg = cls(
-            {**ckpt.config, **options},
-            device=device,
-            preset=preset,
-            class_names=ckpt.class_names or None,
-        )
+        seg = cls(device=device, **cls.checkpoint_kwargs(ckpt, options))
         seg.load_checkpoint_tensors(ckpt.tensors, source)
         seg.provenance = dict(ckpt.provenance)
         seg.trained = True

@@ -2,7 +2,9 @@
 
 The Segment widget shows it under the network choice; each editor's tooltip is the option's
 help text, which quotes the measured effect. Values are read back as config values (a bool
-option writes its own ``values`` pair, e.g. ``"off"`` / ``"boxes"``).
+option writes its own ``values`` pair, e.g. ``"off"`` / ``"boxes"``). When the network has
+:class:`~napari_medseg.engine.run_options.RunRecipe` entries, a *Recipe* list on top fills the
+editors with one of them and shows "custom" once an editor no longer matches any.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
 
-from napari_medseg.engine.run_options import RunOption
+from napari_medseg.engine.run_options import RunOption, RunRecipe
 
 _INT_LIMIT = 2**31 - 1  # QSpinBox holds a C int
+CUSTOM = "custom"
 
 
 class OptionsForm(QWidget):
@@ -25,23 +29,70 @@ class OptionsForm(QWidget):
         self._layout = QFormLayout(self)
         self._layout.setContentsMargins(0, 0, 0, 0)
         self._options: tuple[RunOption, ...] = ()
+        self._recipes: tuple[RunRecipe, ...] = ()
         self._editors: dict[str, QWidget] = {}
+        self.recipe: QComboBox | None = None  # shown only for networks with recipes
 
-    def set_options(self, options: Sequence[RunOption], config: Mapping[str, Any] | None = None) -> None:
-        """Show one editor per option, set from ``config`` (or each option's default)."""
+    def set_options(
+        self,
+        options: Sequence[RunOption],
+        config: Mapping[str, Any] | None = None,
+        recipes: Sequence[RunRecipe] = (),
+    ) -> None:
+        """Show one editor per option, set from ``config`` (or each option's default).
+
+        ``recipes`` adds the *Recipe* list above the editors (none: no list).
+        """
         while self._layout.rowCount():
             self._layout.removeRow(0)  # deletes the row's widgets too
-        self._options, self._editors = tuple(options), {}
+        self._options, self._editors, self._recipes = tuple(options), {}, tuple(recipes)
+        self.recipe = None
+        if self._recipes:
+            self.recipe = QComboBox()
+            self.recipe.addItems([r.label for r in self._recipes] + [CUSTOM])
+            for i, r in enumerate(self._recipes):
+                self.recipe.setItemData(i, r.help, Qt.ItemDataRole.ToolTipRole)
+            self.recipe.setToolTip("Fill the options below with a measured set; editing them shows 'custom'")
+            self.recipe.activated.connect(self._apply_recipe)
+            self._layout.addRow("Recipe", self.recipe)
         for opt in self._options:
             editor = _make_editor(opt)
             editor.setToolTip(opt.help)
             self._editors[opt.key] = editor
             self.set_value(opt.key, opt.shown(config or {}))
+            _changed_signal(editor).connect(self._show_recipe)
             if isinstance(editor, QCheckBox):
                 self._layout.addRow(editor)  # the box carries its own label
             else:
                 self._layout.addRow(opt.label, editor)
+        self._show_recipe()
         self.setVisible(bool(self._options))
+
+    def apply_recipe(self, name: str) -> None:
+        """Set every editor to recipe ``name``'s value (the default where it names none)."""
+        recipe = next(r for r in self._recipes if r.name == name)
+        values = recipe.as_dict()
+        for opt in self._options:
+            self.set_value(opt.key, opt.shown({opt.key: values.get(opt.key, opt.default)}))
+        self._show_recipe()
+
+    def recipe_name(self) -> str:
+        """The recipe the editors match, or ``"custom"``."""
+        values = self.values()
+        return next((r.name for r in self._recipes if r.matches(self._options, values)), CUSTOM)
+
+    def _apply_recipe(self, index: int) -> None:
+        if 0 <= index < len(self._recipes):
+            self.apply_recipe(self._recipes[index].name)
+        else:
+            self._show_recipe()  # "custom" is a state, not a choice: show what the editors hold
+
+    def _show_recipe(self, *_: Any) -> None:
+        if self.recipe is None:
+            return
+        name = self.recipe_name()
+        index = next((i for i, r in enumerate(self._recipes) if r.name == name), len(self._recipes))
+        self.recipe.setCurrentIndex(index)
 
     def keys(self) -> list[str]:
         """Option keys in display order."""
@@ -74,6 +125,14 @@ class OptionsForm(QWidget):
             elif isinstance(editor, QSpinBox | QDoubleSpinBox):
                 out[opt.key] = editor.value()
         return out
+
+
+def _changed_signal(editor: QWidget) -> Any:
+    if isinstance(editor, QCheckBox):
+        return editor.toggled
+    if isinstance(editor, QComboBox):
+        return editor.currentIndexChanged
+    return editor.valueChanged  # QSpinBox / QDoubleSpinBox
 
 
 def _make_editor(opt: RunOption) -> QWidget:

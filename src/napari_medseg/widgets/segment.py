@@ -261,10 +261,10 @@ class SegmentWidget(QWidget):
             except CheckpointError:
                 pass  # Run reports the bad file; the form keeps the network's defaults
         try:
-            options = segmenter_class(network).run_options() if network else ()
+            cls = segmenter_class(network) if network else None
         except KeyError:  # a checkpoint of a network this version does not know
-            options = ()
-        self.options.set_options(options, config)
+            cls = None
+        self.options.set_options(cls.run_options() if cls else (), config, cls.RUN_RECIPES if cls else ())
 
     def _show_target(self, *_: Any) -> None:
         layer = self.viewer.layers.selection.active

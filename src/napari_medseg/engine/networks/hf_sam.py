@@ -34,7 +34,6 @@ from napari_medseg.engine.networks.hf_sam_base import (
 from napari_medseg.engine.networks.hf_sam_config import CARD, RUN_OPTIONS, default_config
 from napari_medseg.engine.networks.hf_sam_refine import iter_refine_labels
 from napari_medseg.engine.networks.hf_sam_weights import load_base_weights, tensor_digest
-from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import register
@@ -371,10 +370,7 @@ class HFSAMSegmenter(Segmenter):
         cls, ckpt: Checkpoint, source: str, device: str | torch.device | None = "auto", **options: Any
     ) -> Segmenter:
         """Rebuild the base named in the checkpoint, verify its sha256, load the trained tensors."""
-        preset = IntensityPreset.from_json(ckpt.preset) if ckpt.preset else "auto"
-        seg = cls(
-            {**ckpt.config, **options}, device=device, preset=preset, class_names=ckpt.class_names or None
-        )
+        seg = cls(device=device, **cls.checkpoint_kwargs(ckpt, options))
         want = str(ckpt.extra.get("base_sha256", ""))
         if want and want != seg.base_sha256:
             raise CheckpointError(

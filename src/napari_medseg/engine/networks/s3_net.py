@@ -20,41 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_medseg.engine.clusters import consensus_clusters, relabel_by_size
+from napari_medseg.engine.networks.s3_net_config import CARD, RUN_OPTIONS, RUN_RECIPES
 from napari_medseg.engine.progress import Progress
-from napari_medseg.engine.registry import ModelCard, register
-from napari_medseg.engine.run_options import RunOption
+from napari_medseg.engine.registry import register
 from napari_medseg.engine.runner import fit_shape
 from napari_medseg.engine.segmenter import Segmenter, match_channels
 from napari_medseg.models import s3_losses
 from napari_medseg.models.s3_net import MODES, S3Net
 
 log = logging.getLogger(__name__)
-
-CARD = ModelCard(
-    name="s3-net",
-    title="S³-Net (self-supervised clustering)",
-    paper=(
-        "S. Karimijafarbigloo, R. Azad, A. Kazerouni, Y. Velichko, U. Bagci, D. Merhof. "
-        "Self-supervised Semantic Segmentation: Consistency over Transformation. "
-        "ICCV 2023 Workshops (CVAMD), pp. 2654-2663; arXiv 2309.00143"
-    ),
-    doi="10.1109/ICCVW60793.2023.00280",
-    spatial_dims=2,
-    promptable=False,
-    needs_labels=False,
-    trainable=False,
-    input_size=(256, 256),
-    default_preset="auto",
-    weights="none: a new network is optimised on every image",
-    weights_licence="none",
-    output="clusters",
-    summary=(
-        "Label-free: optimises a small network on each image until its pixels fall into a few "
-        "clusters (ids 1..K, 1 = largest). Keep the clusters under the lesion with a click."
-    ),
-    docs="docs/models/s3-net.md",
-    tags=("self-supervised", "clustering", "2d"),
-)
 
 
 PAPER_SIZE = 128  # default working size in paper mode (benchmarks in docs/models/s3-net.md)
@@ -87,60 +61,6 @@ def count_clusters(labels: torch.Tensor, min_fraction: float = 0.0) -> int:
 
 
 RELEASED_SIZE = 256  # the authors' notebook resizes every image to 256²
-
-RUN_OPTIONS = (
-    RunOption(
-        "mode",
-        "Mode",
-        "choice",
-        "paper",
-        "paper: what the paper describes (any size); released: the authors' notebook (256², free offsets)",
-        choices=MODES,
-    ),
-    RunOption(
-        "restarts",
-        "Runs per image",
-        "int",
-        1,
-        "Optimise several times with different seeds and keep the clusters the runs agree on. "
-        "PH² best-cluster Dice 0.675 (one run, mean of 3 seeds) → 0.763 with 3 runs, 0.801 with "
-        "3 runs and flatten 0.25; no gain on ultrasound (BUSI 0.293 → 0.242 with both) or "
-        "endoscopy; costs that many times as long",
-        minimum=1,
-        maximum=10,
-    ),
-    RunOption(
-        "flatten",
-        "Flatten shading",
-        "float",
-        0.0,
-        "Divide out vignetting and slow shading first (blur width as a share of the image; "
-        "0 = off, as in the paper; 0.25 helped on dermoscopy, PH² 0.675 → 0.729)",
-        maximum=0.5,
-        step=0.05,
-    ),
-    RunOption(
-        "working_size",
-        "Working size",
-        "int",
-        0,
-        "Longest side the optimisation runs at, in pixels (0 = the mode's default: paper 128, "
-        "released 256); larger follows finer detail and costs about 4× per doubling",
-        maximum=1024,
-        step=32,
-        minimum_text="auto",
-    ),
-    RunOption(
-        "max_iter",
-        "Max iterations",
-        "int",
-        50,
-        "Stop after this many iterations even when more clusters remain than the stop rule wants",
-        minimum=1,
-        maximum=1000,
-    ),
-    RunOption("seed", "Seed", "int", 0, "Base seed (slice z of a volume uses seed + z)", maximum=2**31 - 1),
-)
 
 
 def flatten_shading(x: torch.Tensor, sigma_fraction: float) -> torch.Tensor:
@@ -175,6 +95,7 @@ class S3NetSegmenter(Segmenter):
 
     card = CARD
     RUN_OPTIONS = RUN_OPTIONS  # the Segment widget's form (figures: docs/models/s3-net.md)
+    RUN_RECIPES = RUN_RECIPES
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
