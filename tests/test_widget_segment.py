@@ -220,9 +220,20 @@ def test_keep_clusters_under_clicked_points(viewer_widget, clusters_network, qtb
     assert pts is not None and pts.mode == "add"
     pts.add([[30, 5], [35, 38]])  # clicks (in the click layer's data space) on clusters 2 and 3
     pytest.importorskip("napari_medseg.engine.clusters")
+    assert w.clusters_box.connected_only.isChecked() and w.clusters_box.fill_holes.isChecked()
     out = w.clusters_box.keep_clicked_clusters()
     assert out is not None
     np.testing.assert_array_equal(out.data > 0, clusters >= 2)
+    # Cluster 3 in two pieces: by default only the clicked piece; unticked, the whole cluster.
+    split = clusters.copy()
+    split[2:8, 2:8] = 3
+    split_layer = viewer.add_labels(split, name="split", scale=(0.5, 0.5), translate=(2.0, 3.0))
+    w.clusters_box.labels.set_layer(split_layer.name)
+    np.testing.assert_array_equal(w.clusters_box.keep_clicked_clusters().data > 0, clusters >= 2)
+    w.clusters_box.connected_only.setChecked(False)
+    np.testing.assert_array_equal(w.clusters_box.keep_clicked_clusters().data > 0, split >= 2)
+    w.clusters_box.connected_only.setChecked(True)
+    w.clusters_box.labels.set_layer(lab.name)
     # clicks from a layer with another geometry: world (2 + 0.5 * 5, 3 + 0.5 * 5) → cluster 1
     other = viewer.add_points([[2.0 + 0.5 * 5, 3.0 + 0.5 * 5]], name="world clicks")
     w.clusters_box.points.set_layer(other.name)
@@ -236,6 +247,8 @@ def test_keep_clusters_under_clicked_points(viewer_widget, clusters_network, qtb
     w.clusters_box.labels.set_layer(ring_layer.name)
     w.clusters_box.points.set_layer(pts.name)
     pts.data = [[21, 1]]  # on the rim (cluster 2)
+    w.clusters_box.fill_holes.setChecked(False)
+    np.testing.assert_array_equal(w.clusters_box.keep_clicked_clusters().data > 0, ring == 2)
     w.clusters_box.fill_holes.setChecked(True)
     out = w.clusters_box.keep_clicked_clusters()
     np.testing.assert_array_equal(out.data > 0, (ring == 2) | ((ring == 3) & (np.arange(40) < 20)[None, :]))
