@@ -8,7 +8,10 @@ checkpoint saved by an earlier run, then scores on the 20 test images:
 * box refinement (``engine/networks/hf_sam_refine.py``) with the fine-tuned decoder and with the
   base decoder;
 * the same with a guard that keeps a piece whenever the box answer agrees with it at a Dice
-  below ``tau`` (the shipped code has no guard: this measures whether one would help).
+  below ``tau`` (the shipped code has no guard: this measures whether one would help);
+* with ``--low-thresholds``: the head's foreground probability cut lower than argmax (0.5),
+  plainly and as hysteresis (pieces seeded at 0.5, grown into the lower cut), each raw and
+  refined with the fine-tuned decoder (the shipped code cuts at argmax).
 
 Usage::
 
@@ -36,6 +39,7 @@ import napari_medseg as nms  # noqa: E402
 from napari_medseg.engine.api import load_model  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
 from napari_medseg.engine.prompt import mask_box  # noqa: E402
+from napari_medseg.engine.runner import batched_fit_logits  # noqa: E402
 
 TAUS = (0.0, 0.5, 0.6, 0.7, 0.8)
 
@@ -49,16 +53,22 @@ def split(ds: str, k: int, n_test: int = 20) -> tuple[list, list]:
     return test, pool
 
 
+def kept_pieces(mask: np.ndarray, share: float) -> list[np.ndarray]:
+    """The 8-connected pieces of ``mask`` that refinement keeps (≥ 16 px and ≥ ``share`` of the largest)."""
+    comp, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+    return [comp == i for i in np.flatnonzero(sizes >= max(16, share * sizes.max())) + 1]
+
+
 def pieces_and_answers(seg, image: np.ndarray, share: float = 0.2) -> tuple[np.ndarray, list]:
     """Raw foreground, and for each kept piece its box answers from both decoders."""
     ca = -1 if image.ndim == 3 else None
     seg.config["refine"] = "off"
     raw = seg.segment(image, channel_axis=ca) > 0
-    comp, n = ndimage.label(raw, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
     out = []
-    for i in np.flatnonzero(sizes >= max(16, share * sizes.max())) + 1 if n else []:
-        piece = comp == i
+    for piece in kept_pieces(raw, share):
         answers = {}
         for weights in ("finetuned", "base"):
             seg.config["prompt_weights"] = weights
@@ -66,6 +76,49 @@ def pieces_and_answers(seg, image: np.ndarray, share: float = 0.2) -> tuple[np.n
         seg.config["prompt_weights"] = "auto"
         out.append((piece, answers))
     return raw, out
+
+
+def foreground_probability(seg, image: np.ndarray) -> np.ndarray:
+    """(Y, X) softmax probability of class 1 from the prompt-free head (a slice that fits)."""
+    prep = seg.prepare(image, channel_axis=-1 if image.ndim == 3 else None)
+    seg.module.eval()
+    with torch.inference_mode():
+        logits = batched_fit_logits(torch.from_numpy(prep.data[0:1]), seg.logits, seg.input_size)
+    return torch.softmax(logits.float(), 1)[0, 1].numpy()
+
+
+def refine_pieces(seg, image: np.ndarray, mask: np.ndarray, share: float = 0.2) -> np.ndarray:
+    """Union of the fine-tuned decoder's box answers for the pieces of ``mask`` (as shipped)."""
+    pieces = kept_pieces(mask, share)
+    if not pieces:
+        return mask
+    seg.config["prompt_weights"] = "finetuned"
+    pred = seg.prompt(image, channel_axis=-1 if image.ndim == 3 else None)
+    out = np.zeros_like(mask)
+    for piece in pieces:
+        answer = pred.predict(box=mask_box(piece))
+        out |= answer if answer.any() else piece
+    seg.config["prompt_weights"] = "auto"
+    return out
+
+
+def low_threshold_rows(seg, test: list, lows: list[float]) -> list[dict]:
+    """Dice of lower probability cuts (plain and hysteresis), raw and refined."""
+    from skimage.filters import apply_hysteresis_threshold
+
+    rows = []
+    probs = [foreground_probability(seg, image) for image, _ in test] if lows else []
+    for low in lows:
+        for kind in ("plain", "hysteresis"):
+            raw, refined = [], []
+            for (image, mask), p in zip(test, probs):
+                cut = p > low if kind == "plain" else apply_hysteresis_threshold(p, low, 0.5)
+                raw.append(dice(cut, mask))
+                refined.append(dice(refine_pieces(seg, image, cut), mask))
+            label = f"probability > {low}" if kind == "plain" else f"hysteresis {low}–0.5"
+            rows.append({"variant": f"{label}, raw", "Dice": statistics.mean(raw)})
+            rows.append({"variant": f"{label}, refined", "Dice": statistics.mean(refined)})
+    return rows
 
 
 def main() -> None:
@@ -76,6 +129,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default="", help="load it if it exists, else train and save it here")
     ap.add_argument("--name", default="")
+    ap.add_argument("--low-thresholds", type=float, nargs="*", default=[], help="e.g. 0.3 0.2 0.1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     test, pool = split(args.dataset, args.k)
@@ -111,6 +165,7 @@ def main() -> None:
                 f", guard Dice ≥ {tau}" if tau else " (shipped)" * (weights == "finetuned")
             )
             rows.append({"variant": label, "Dice": statistics.mean(scores)})
+    rows += low_threshold_rows(seg, test, args.low_thresholds)
     print(table(rows, ["variant", "Dice"]))
     name = args.name or f"refine_{args.dataset}_k{args.k}"
     meta = {"argv": vars(args), "train_s": train_s, "peak_rss_mb": peak_rss_mb(), "test_images": len(test)}
