@@ -27,7 +27,7 @@ def load_model(
             network has them, random otherwise) or the path of a ``.safetensors`` checkpoint.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         **options: Network options (see each network's ``default_config``), and ``preset`` /
-            ``class_names``.
+            ``class_names`` / ``recipe`` (a name from the network's ``RUN_RECIPES``).
 
     Raises:
         KeyError: Unknown name (the message lists the known ones).

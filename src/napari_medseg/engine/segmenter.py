@@ -78,6 +78,20 @@ class Segmenter:
         recipe: str | None = None,
         **options: Any,
     ) -> None:
+        """Build the network from its defaults, then ``config``, ``recipe`` and ``options``.
+
+        Args:
+            config: Saved settings (e.g. a checkpoint's) over :meth:`default_config`.
+            device: ``"auto"`` (CUDA → MPS → CPU) or a torch device.
+            preset: Intensity preset; ``"auto"``/``None`` detects it per image.
+            class_names: Output class names, index 0 = background.
+            recipe: Name of one of :attr:`RUN_RECIPES`; its values go over ``config``.
+            **options: Config keys over everything else; run options are checked.
+
+        Raises:
+            TypeError: An option the network does not have.
+            ValueError: A run option out of range / not a choice, or an unknown recipe.
+        """
         tune_cpu_allocator()
         if recipe is not None:  # a named set of run options; explicit options win over it
             try:
