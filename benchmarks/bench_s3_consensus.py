@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parse_pairs, save, table  # noqa: E402
@@ -36,7 +35,7 @@ from bench_s3_net import cases  # noqa: E402
 import napari_medseg as nms  # noqa: E402
 from napari_medseg.engine.clusters import best_cluster, centre_cluster, consensus_clusters  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
-from napari_medseg.engine.runner import drain  # noqa: E402
+from napari_medseg.engine.runner import drain, resize  # noqa: E402
 
 
 def capture(image: np.ndarray, runs: int, options: dict) -> np.ndarray:
@@ -51,8 +50,7 @@ def capture(image: np.ndarray, runs: int, options: dict) -> np.ndarray:
 
 def to_image(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Nearest-neighbour scaling of a working-resolution map back to the image (as the product)."""
-    t = torch.from_numpy(labels.astype(np.float32))[None, None]
-    return F.interpolate(t, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+    return resize(torch.from_numpy(labels.astype(np.int64))[None, None], shape, labels=True)[0, 0].numpy()
 
 
 def main() -> None:

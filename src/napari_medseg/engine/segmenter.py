@@ -130,7 +130,8 @@ class Segmenter:
         """Config keys a user may change before segmenting (the Segment widget's form).
 
         Subclasses list them in :attr:`RUN_OPTIONS`. Only options that act at segmentation
-        time belong there (never ones that change the network's shape or training);
+        time belong there: never ones that change trained weights' shapes or training (S³-Net's
+        ``channels`` qualifies because it builds a new network for every image);
         :func:`~napari_medseg.engine.run_options.apply_run_options` checks values against them.
         """
         return cls.RUN_OPTIONS

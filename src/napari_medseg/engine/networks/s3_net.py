@@ -23,7 +23,7 @@ from napari_medseg.engine.clusters import consensus_clusters, relabel_by_size
 from napari_medseg.engine.networks.s3_net_config import CARD, RUN_OPTIONS, RUN_RECIPES
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import register
-from napari_medseg.engine.runner import fit_shape
+from napari_medseg.engine.runner import fit_shape, resize
 from napari_medseg.engine.segmenter import Segmenter, match_channels
 from napari_medseg.models import s3_losses
 from napari_medseg.models.s3_net import MODES, S3Net
@@ -310,10 +310,8 @@ class S3NetSegmenter(Segmenter):
                 merged = consensus_clusters(runs, float(self.config.get("consensus_threshold", 0.65)))
             else:
                 merged = runs[0]
-            raw = torch.from_numpy(merged)
-            if tuple(raw.shape) != tuple(out.shape[1:]):
-                raw = F.interpolate(raw[None, None].float(), size=out.shape[1:], mode="nearest-exact")[0, 0]
-            out[i] = relabel_by_size(raw.to(torch.int64).numpy())
+            raw = resize(torch.from_numpy(merged).to(torch.int64)[None, None], out.shape[1:], labels=True)
+            out[i] = relabel_by_size(raw[0, 0].numpy())
             per_slice = restarts * int(self.config["max_iter"])
             yield Progress((i + 1) * per_slice, z * per_slice, f"slice {i + 1}/{z} done")
         self.module.eval()
