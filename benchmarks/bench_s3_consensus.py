@@ -7,7 +7,9 @@ the working resolution in an ``.npz`` file, and then scores the consensus of the
 image as the product does) for every R in ``--subsets`` and every threshold in
 ``--thresholds``: best single cluster (uncropped) and one click in the middle (centre,
 connected, filled). The capture is the slow part; a second call with the same ``--maps`` file
-only rescores. This is how the *consensus* recipe was chosen (docs/models/s3-net.md).
+only rescores; ``--regions`` rescores the same maps split into connected regions (as the
+option ``regions=True`` does). This is how the *consensus* recipe was chosen
+(docs/models/s3-net.md).
 
 Usage::
 
@@ -33,7 +35,12 @@ from _common import parse_pairs, save, table  # noqa: E402
 from bench_s3_net import cases  # noqa: E402
 
 import napari_medseg as nms  # noqa: E402
-from napari_medseg.engine.clusters import best_cluster, centre_cluster, consensus_clusters  # noqa: E402
+from napari_medseg.engine.clusters import (  # noqa: E402
+    best_cluster,
+    centre_cluster,
+    consensus_clusters,
+    split_regions,
+)
 from napari_medseg.engine.metrics import dice  # noqa: E402
 from napari_medseg.engine.runner import drain, resize  # noqa: E402
 
@@ -64,6 +71,9 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="S3-Net options KEY=JSON_VALUE")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--maps", type=Path, required=True, help=".npz of captured maps (reused if present)")
+    ap.add_argument(
+        "--regions", action="store_true", help="split the consensus into connected regions (as regions=True)"
+    )
     ap.add_argument("--name", default="s3_consensus")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +98,8 @@ def main() -> None:
             for stem, _, mask in data:
                 runs = list(maps[stem][:r])
                 merged = consensus_clusters(runs, threshold) if r > 1 else runs[0]
+                if args.regions:
+                    merged = split_regions(merged, float(options.get("min_region_fraction", 0.01)))
                 labels = to_image(merged, mask.shape)
                 best.append(best_cluster(labels, mask)[1])
                 click.append(dice(centre_cluster(labels, connected=True, fill_holes=True), mask))

@@ -17,6 +17,7 @@ from napari_medseg.engine.clusters import (
     consensus_clusters,
     gt_cropped_dice,
     relabel_by_size,
+    split_regions,
 )
 from napari_medseg.engine.networks.s3_net import count_clusters, flatten_shading
 from napari_medseg.engine.runner import drain
@@ -412,3 +413,41 @@ def test_restarts_run_each_seed_and_combine() -> None:
     )
     with pytest.raises(ValueError, match="restarts"):
         nms.load_model("s3-net", restarts=0, **opts).segment(image)
+
+
+def test_split_regions_separates_pieces_and_absorbs_specks() -> None:
+    labels = np.ones((40, 40), int)  # background cluster 1
+    labels[5:15, 5:15] = 2  # a lesion ...
+    labels[30:40, 30:40] = 2  # ... sharing its colour cluster with a dark corner
+    labels[20, 20] = 2  # a one-pixel speck inside the background
+    labels[8:10, 8:10] = 3  # a 4-pixel speck inside the lesion
+    out = split_regions(labels, min_fraction=0.01)  # 16 pixels = 1 % of 1600
+    assert out.dtype == np.int32 and out.shape == labels.shape
+    assert len(np.unique(out)) == 3  # background, lesion, corner
+    lesion = np.zeros_like(labels, bool)
+    lesion[5:15, 5:15] = True
+    assert best_cluster(out, lesion)[1] == 1.0  # the lesion is one id, speck filled in, corner apart
+    assert best_cluster(labels, lesion)[1] < 0.7  # as one cluster it was not
+    assert out[20, 20] == out[0, 0] == 1  # the speck joined the background, the largest region
+    # No smallest region: every connected piece stays (the 1-pixel and 4-pixel specks too).
+    assert len(np.unique(split_regions(labels, min_fraction=0.0))) == 5
+
+
+def test_split_regions_small_pieces_only_and_volumes() -> None:
+    # Only pieces below the threshold: they merge among themselves until one is left.
+    stripes = np.repeat(np.arange(8)[None, :] % 2, 8, axis=0)  # (8, 8), eight 1-pixel-wide stripes
+    assert len(np.unique(split_regions(stripes, min_fraction=0.5))) == 1
+    vol = np.stack([stripes, np.zeros((8, 8), int)])  # per slice
+    out = split_regions(vol, min_fraction=0.0)
+    assert out.shape == (2, 8, 8)
+    assert len(np.unique(out[0])) == 8 and len(np.unique(out[1])) == 1
+    with pytest.raises(ValueError, match="Y, X"):
+        split_regions(np.zeros(5, int))
+
+
+def test_regions_option_splits_the_output() -> None:
+    image, disc = two_regions(32, noise=20)
+    opts = dict(device="cpu", channels=8, working_size=32, max_iter=4, min_labels=1)
+    plain = nms.load_model("s3-net", **opts).segment(image)
+    split = nms.load_model("s3-net", regions=True, **opts).segment(image)
+    np.testing.assert_array_equal(split, split_regions(plain, 0.01))

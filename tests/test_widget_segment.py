@@ -285,12 +285,22 @@ def test_s3_net_run_options_reach_the_run_and_survive_refreshes(viewer_widget, t
     img = volume(z=1, size=24)[0]
     viewer, w, _ = viewer_widget(data=img)
     w.select_network("s3-net")
-    assert w.options.keys() == ["mode", "restarts", "channels", "flatten", "working_size", "max_iter", "seed"]
+    assert w.options.keys() == [
+        "mode",
+        "restarts",
+        "channels",
+        "flatten",
+        "regions",
+        "working_size",
+        "max_iter",
+        "seed",
+    ]
     assert w.options.values() == {
         "mode": "paper",
         "restarts": 1,
         "channels": 64,
         "flatten": 0.0,
+        "regions": False,
         "working_size": 0,
         "max_iter": 50,
         "seed": 0,
@@ -320,6 +330,7 @@ def test_s3_net_recipe_fills_the_form_and_edits_show_custom(viewer_widget, qtbot
     w.options.recipe.activated.emit(1)  # what a user's choice of the second entry sends
     values = w.options.values()
     assert (values["channels"], values["restarts"], values["flatten"], values["seed"]) == (16, 7, 0.25, 0)
+    assert values["regions"] is True
     assert w.options.recipe_name() == "consensus" and w.options.recipe.currentIndex() == 1
     w.options.editor("restarts").setValue(2)
     assert w.options.recipe.currentText() == "custom"
@@ -331,6 +342,7 @@ def test_s3_net_recipe_fills_the_form_and_edits_show_custom(viewer_widget, qtbot
     np.testing.assert_array_equal(viewer.layers["img [s3-net]"].data, expected.segment(img))
     w.options.recipe.activated.emit(0)
     assert w.options.values()["channels"] == 64 and w.options.values()["restarts"] == 1
+    assert w.options.values()["regions"] is False  # back to the paper's clusters
 
 
 def test_options_form_follows_the_chosen_checkpoint(viewer_widget, toy_registered, tmp_path):

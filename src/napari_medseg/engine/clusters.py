@@ -84,6 +84,81 @@ def consensus_clusters(
     return relabel_by_size(group[inverse].reshape(shape))
 
 
+def _neighbour_pairs(pieces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) ids of every pair of 8-neighbouring pixels of a (Y, X) map that differ, both ways."""
+    pairs = [
+        (pieces[:, :-1], pieces[:, 1:]),
+        (pieces[:-1, :], pieces[1:, :]),
+        (pieces[:-1, :-1], pieces[1:, 1:]),
+        (pieces[:-1, 1:], pieces[1:, :-1]),
+    ]
+    a = np.concatenate([p.ravel() for p, _ in pairs] + [q.ravel() for _, q in pairs])
+    b = np.concatenate([q.ravel() for _, q in pairs] + [p.ravel() for p, _ in pairs])
+    keep = a != b
+    return a[keep], b[keep]
+
+
+def split_regions(labels: np.ndarray, min_fraction: float = 0.01) -> np.ndarray:
+    """Split every cluster into its connected pieces; pieces too small to matter join a neighbour.
+
+    S³-Net's clusters group pixels by colour, not by place: a lesion often shares its id with
+    dark image corners, hair or shadows elsewhere, so no single cluster is the lesion. After
+    this, each connected piece (8-connectivity) is a region of its own and a click or the
+    best-region score can take the lesion without the rest. Pieces smaller than
+    ``min_fraction`` of the pixels (specks, thin borders between clusters) join the
+    neighbouring piece they share the longest border with, preferring pieces that are large
+    enough themselves, so the number of regions stays small. A (Z, Y, X) map is split slice
+    by slice (S³-Net clusters each slice on its own).
+
+    Args:
+        labels: (Y, X) or (Z, Y, X) integer cluster map.
+        min_fraction: Smallest region kept, as a share of the slice's pixels (0 = keep every
+            piece).
+
+    Returns:
+        int32 map of the same shape with ids 1..K per slice, 1 = the largest region.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 3:
+        return np.stack([split_regions(s, min_fraction) for s in labels])
+    if labels.ndim != 2:
+        raise ValueError(f"split_regions: expected a (Y, X) or (Z, Y, X) map, got shape {labels.shape}")
+    pieces = np.zeros(labels.shape, dtype=np.int64)
+    n = 0
+    for k in np.unique(labels):
+        comp, m = ndimage.label(labels == k, structure=np.ones((3, 3), dtype=bool))
+        pieces[comp > 0] = comp[comp > 0] + n
+        n += m
+    min_pixels = min_fraction * labels.size
+    while True:
+        sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+        small = (sizes > 0) & (sizes < min_pixels)
+        if not small.any() or np.count_nonzero(sizes) < 2:
+            break
+        a, b = _neighbour_pairs(pieces)
+        codes, border = np.unique(a * (n + 1) + b, return_counts=True)
+        src, dst = codes // (n + 1), codes % (n + 1)
+        # Best neighbour of each small piece: a large one if it has any, then the longest border.
+        rank = np.where(small[dst], 0, 1) * (border.max() + 1) + border
+        on_small = small[src]
+        src, dst, rank = src[on_small], dst[on_small], rank[on_small]
+        order = np.lexsort((-rank, src))
+        first = np.r_[True, src[order][1:] != src[order][:-1]]
+        src, dst = src[order][first], dst[order][first]
+        to_large = ~small[dst]
+        if to_large.any():
+            # Large targets are never merged away in this pass, so all such moves can be made at once.
+            src, dst = src[to_large], dst[to_large]
+        else:
+            # Only small pieces around: merge the smallest one and look again (no chains or cycles).
+            i = int(np.argmin(sizes[src]))
+            src, dst = src[i : i + 1], dst[i : i + 1]
+        target = np.arange(n + 1)
+        target[src] = dst
+        pieces = target[pieces]
+    return relabel_by_size(pieces)
+
+
 def _check_point(point: Sequence[float], shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(point) != len(shape):
         raise ValueError(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_medseg.engine.clusters import consensus_clusters, relabel_by_size
+from napari_medseg.engine.clusters import consensus_clusters, relabel_by_size, split_regions
 from napari_medseg.engine.networks.s3_net_config import CARD, RUN_OPTIONS, RUN_RECIPES
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import register
@@ -117,6 +117,11 @@ class S3NetSegmenter(Segmenter):
         ``restarts``: optimisations per image with different seeds, combined by
         :func:`~napari_medseg.engine.clusters.consensus_clusters` with ``consensus_threshold``
         (1 = one run, as in the paper; R runs cost R times as long).
+        ``regions``: split each cluster into its connected pieces, pieces under
+        ``min_region_fraction`` of the pixels joining a neighbour
+        (:func:`~napari_medseg.engine.clusters.split_regions`), so that the lesion is an id of
+        its own even when dark corners or hair share its colour (False = clusters, as in the
+        paper).
         """
         return {
             "mode": "paper",
@@ -138,6 +143,8 @@ class S3NetSegmenter(Segmenter):
             "flatten": 0.0,
             "restarts": 1,
             "consensus_threshold": 0.65,
+            "regions": False,
+            "min_region_fraction": 0.01,
             "deform_impl": "auto",
             "channels_last": True,
         }
@@ -310,6 +317,9 @@ class S3NetSegmenter(Segmenter):
                 merged = consensus_clusters(runs, float(self.config.get("consensus_threshold", 0.65)))
             else:
                 merged = runs[0]
+            if self.config.get("regions", False):
+                # At the working size: cheaper, and the pieces are those the runs formed.
+                merged = split_regions(merged, float(self.config.get("min_region_fraction", 0.01)))
             raw = resize(torch.from_numpy(merged).to(torch.int64)[None, None], out.shape[1:], labels=True)
             out[i] = relabel_by_size(raw[0, 0].numpy())
             per_slice = restarts * int(self.config["max_iter"])
