@@ -15,7 +15,7 @@ from typing import Any
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QSpinBox, QWidget
 
-from napari_medseg.engine.run_options import RunOption, RunRecipe
+from napari_medseg.engine.run_options import RunOption, RunRecipe, find_recipe
 
 _INT_LIMIT = 2**31 - 1  # QSpinBox holds a C int
 CUSTOM = "custom"
@@ -69,9 +69,12 @@ class OptionsForm(QWidget):
         self.setVisible(bool(self._options))
 
     def apply_recipe(self, name: str) -> None:
-        """Set every editor to recipe ``name``'s value (the default where it names none)."""
-        recipe = next(r for r in self._recipes if r.name == name)
-        values = recipe.as_dict()
+        """Set every editor to recipe ``name``'s value (the default where it names none).
+
+        Raises:
+            ValueError: No recipe of that name (the message lists the known ones).
+        """
+        values = find_recipe(self._recipes, name).as_dict()
         for opt in self._options:
             self.set_value(opt.key, opt.shown({opt.key: values.get(opt.key, opt.default)}))
         self._show_recipe()
