@@ -4,8 +4,10 @@
         [--variants full,no_switch,no_vae,no_contrast,no_spatial]
         [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
         [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS] [--train-set KEY=JSON_VALUE ...]
+        [--atlas-frames]
 
-For each dataset: two labeled volumes (atlases), four unlabeled volumes, per-class Dice on the
+For each dataset: two labeled volumes (atlases), four unlabeled volumes (six with
+``--atlas-frames`` on ACDC: the atlas patients' ES frames too), per-class Dice on the
 remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
 subprocess so its peak memory (ru_maxrss) and time are its own. Reads the research-only data
 from $MEDSEG_DATA (default ../shared/data) at run time; nothing is copied.
@@ -55,11 +57,14 @@ def load(ds: str, stem: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float
     return vol, lab, spacing  # type: ignore[return-value]
 
 
-def split(ds: str, quick: bool, n_atlases: int = 2) -> tuple[list[str], list[str], list[str]]:
+def split(
+    ds: str, quick: bool, n_atlases: int = 2, atlas_frames: bool = False
+) -> tuple[list[str], list[str], list[str]]:
     """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases).
 
     The test set does not depend on ``n_atlases`` (2 or 3): a third atlas is taken from the
     volumes that are otherwise unlabeled (ACDC: patient 028's ED frame, an HCM heart).
+    ``atlas_frames`` (ACDC only) adds the atlas patients' other (ES) frames, unlabeled.
     """
     rows = list(csv.DictReader(open(DATA / ds / "cases.csv")))
     stems = [r["stem"] for r in rows]
@@ -68,6 +73,8 @@ def split(ds: str, quick: bool, n_atlases: int = 2) -> tuple[list[str], list[str
         by = {p: [r["stem"] for r in rows if r["patient"] == p] for p in pats}
         atlases = [by[p][0] for p in pats[:n_atlases]]
         unlabeled = [s for s in by[pats[2]] + by[pats[3]] if s not in atlases]
+        if atlas_frames:
+            unlabeled += [s for p in pats[:2] for s in by[p] if s not in atlases]
         test = [s for p in pats[4:] for s in by[p]]
     else:
         atlases, unlabeled, test = stems[:n_atlases], stems[n_atlases:6], stems[6:]
@@ -89,7 +96,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         args.tta,
         args.augment,
     )
-    atl, unl, test = split(ds, quick, args.atlases)
+    atl, unl, test = split(ds, quick, args.atlases, args.atlas_frames)
     a = [load(ds, s) for s in atl]
     u = [load(ds, s) for s in unl]
     torch.manual_seed(args.seed)
@@ -195,6 +202,9 @@ def main() -> None:
     ap.add_argument("--save-dir", default="", help="also save each trained model here")
     ap.add_argument("--atlases", type=int, default=2, help="labeled volumes (2 or 3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--atlas-frames", action="store_true", help="ACDC: also the atlas patients' ES frames, unlabeled"
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     extra = parse_pairs(args.set)
@@ -223,6 +233,7 @@ def main() -> None:
             cmd += [a for kv in args.train_set for a in ("--train-set", kv)]
             cmd += ["--augment", args.augment] if args.augment else []
             cmd += ["--atlases", str(args.atlases), "--seed", str(args.seed)]
+            cmd += ["--atlas-frames"] if args.atlas_frames else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
