@@ -11,6 +11,7 @@ from torchvision.ops import deform_conv2d
 
 import napari_medseg as nms
 from napari_medseg.engine.clusters import (
+    average_linkage_groups,
     best_cluster,
     centre_cluster,
     cluster_at,
@@ -389,6 +390,57 @@ def test_consensus_follows_the_majority() -> None:
     assert len(np.unique(out)) == 1  # 2 of 3 merge them
     with pytest.raises(ValueError, match="same shape"):
         consensus_clusters([left, left[:, :10]])
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.array_equal(a[:, None] == a[None, :], b[:, None] == b[None, :]))
+
+
+def test_average_linkage_groups_matches_scipy_with_unit_weights() -> None:
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    rng = np.random.default_rng(3)
+    for n in (2, 7, 40):
+        points = rng.random((n, 2))
+        dist = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))  # no ties
+        for threshold in (0.1, 0.3, 0.6, 2.0):
+            ours = average_linkage_groups(dist, np.ones(n), threshold)
+            ref = fcluster(linkage(dist[np.triu_indices(n, 1)], "average"), t=threshold, criterion="distance")
+            assert _same_partition(ours, ref), (n, threshold)
+
+
+def test_average_linkage_groups_weighs_items() -> None:
+    # Two large items far apart (0.9) and ten one-pixel items halfway (0.5) to both, close to
+    # each other: counted once each, the small ones pull both large items into one group;
+    # weighted by size, the large ones stay apart.
+    n = 12
+    dist = np.full((n, n), 0.05)
+    dist[0, 1] = dist[1, 0] = 0.9
+    dist[0, 2:] = dist[2:, 0] = dist[1, 2:] = dist[2:, 1] = 0.5
+    unit = average_linkage_groups(dist, np.ones(n), 0.75)
+    assert len(np.unique(unit)) == 1
+    sized = average_linkage_groups(dist, np.r_[1000.0, 1000.0, np.ones(n - 2)], 0.75)
+    assert sized[0] != sized[1] and len(np.unique(sized)) == 2
+
+
+def test_consensus_is_not_outvoted_by_border_fragments() -> None:
+    # Seven runs agree on a disc and its background, but each run gives every sector of the
+    # border ring to one side at random: 36 small ring fragments, each half disc, half
+    # background. Counted once each, they link disc and background into one group; weighted
+    # by their few pixels, they do not.
+    yy, xx = np.mgrid[:64, :64]
+    r = np.hypot(yy - 32, xx - 32)
+    disc, ring = r < 14, (r >= 14) & (r < 17)
+    sector = ((np.arctan2(yy - 32, xx - 32) + np.pi) / (2 * np.pi) * 36).astype(int) % 36
+    sides = np.random.default_rng(0).random((7, 36)) < 0.5  # run × sector: True = with the disc
+    maps = []
+    for run in range(7):
+        m = disc.astype(int)
+        m[ring] = sides[run][sector[ring]]
+        maps.append(m)
+    out = consensus_clusters(maps)
+    assert len(np.unique(out[disc])) == 1 and len(np.unique(out[r >= 17])) == 1
+    assert out[32, 32] != out[0, 0]
 
 
 def test_restarts_run_each_seed_and_combine() -> None:

@@ -142,7 +142,7 @@ class S3NetSegmenter(Segmenter):
             "seed": 0,
             "flatten": 0.0,
             "restarts": 1,
-            "consensus_threshold": 0.65,
+            "consensus_threshold": 0.75,
             "regions": False,
             "min_region_fraction": 0.01,
             "deform_impl": "auto",
@@ -314,7 +314,7 @@ class S3NetSegmenter(Segmenter):
                 raw = yield from self.optimise(x, seed + i + r * z, i, z, r, restarts)
                 runs.append(raw.to(torch.int64).cpu().numpy())
             if restarts > 1:
-                merged = consensus_clusters(runs, float(self.config.get("consensus_threshold", 0.65)))
+                merged = consensus_clusters(runs, float(self.config.get("consensus_threshold", 0.75)))
             else:
                 merged = runs[0]
             if self.config.get("regions", False):
