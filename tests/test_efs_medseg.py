@@ -360,3 +360,21 @@ def test_class_gain_scales_each_structure_and_leaves_the_background() -> None:
     # The sampler draws nothing for it at 0, so default batches are unchanged (tested above for
     # the other options); the config key exists with that default.
     assert segmenter_class("efs-medseg").default_config()["intensity_class_gain"] == 0.0
+
+
+def test_contraction_option_reaches_the_sampler_and_is_off_by_default() -> None:
+    from napari_medseg.engine.train.options import TrainOptions
+    from napari_medseg.engine.train.volume_data import VolumeData
+
+    assert segmenter_class("efs-medseg").default_config()["spatial_contract"] == 0.0
+    (i1, l1), (i2, l2) = phantom(0), phantom(1)
+    batches = {}
+    for prob in (0.0, 1.0):
+        seg = nms.load_model("efs-medseg", **TINY, spatial_contract=prob, spatial_prob=0.0, switch_prob=0.0)
+        data = VolumeData.from_arrays(seg, [i1, i2], [l1, l2], None, TrainOptions(steps=1, augment="strong"))
+        assert data.spatial.contract == prob
+        batches[prob] = data.sample_batch(np.random.default_rng(0), 4)
+    off, on = batches[0.0]["label"], batches[1.0]["label"]
+    assert off.shape == on.shape and not torch.equal(off, on)  # contracted patches differ
+    # The inner structure (class 2) loses voxels to the outer one, never the reverse.
+    assert (on == 2).sum() < (off == 2).sum()

@@ -10,6 +10,7 @@ from napari_medseg.engine.components import keep_largest, single_piece_classes
 from napari_medseg.engine.train.spatial_aug import (
     SpatialOptions,
     _rot,
+    contract_patch,
     random_field,
     random_matrix,
     warp_patch,
@@ -106,6 +107,45 @@ def test_elastic_field_is_smooth_in_plane_and_keeps_labels_on_their_image() -> N
     plain, plab = warp_patch(img, lab, [8, 24, 24], patch, spacing, np.eye(3))
     assert (olab != plab).mean() > 0.05  # the shapes changed ...
     assert (np.round(out[0] / 0.1).astype(int) == olab).mean() > 0.75  # ... together
+
+
+def _heart(shape=(6, 64, 64), cavity=12.0, wall=4.0):
+    """A disc (3, 'cavity') inside a ring (2, 'wall') on every slice; image codes 0.1 * label."""
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    r = np.hypot(yy - 30.0, xx - 34.0)
+    sl = np.where(r < cavity, 3, np.where(r < cavity + wall, 2, 0))
+    lab = np.broadcast_to(sl, shape).astype(np.int64).copy()
+    lab[0] = 0  # one slice without the structure
+    return (0.1 * lab)[None].astype(np.float32), lab
+
+
+def test_contraction_shrinks_the_cavity_thickens_its_wall_and_keeps_labels_on_the_image() -> None:
+    img, lab = _heart()
+    spacing = (10.0, 1.5, 1.5)
+    opts = SpatialOptions(contract=1.0, contract_strength=1.5)
+    seen = thicker = 0
+    for seed in range(12):
+        out, olab = contract_patch(img, lab, spacing, np.random.default_rng(seed), opts)
+        assert out.shape == img.shape and olab.shape == lab.shape
+        assert (np.round(out[0] / 0.1).astype(int) == olab).mean() > 0.97  # moved together
+        np.testing.assert_array_equal(olab[0], 0)  # an empty slice stays empty
+        cavity = (olab[1:] == 3).sum()
+        assert cavity <= (lab[1:] == 3).sum()  # never grows
+        if cavity < 0.9 * (lab[1:] == 3).sum():  # a marked contraction about either structure
+            seen += 1
+            # The wall moved in with the cavity but its outer edge less: along the row through
+            # the centre (a radius of both structures) the wall never thins, and often thickens
+            # by a whole voxel or more.
+            wall, before = (olab[1:, 30] == 2).sum(), (lab[1:, 30] == 2).sum()
+            assert wall >= before
+            thicker += int(wall > before)
+            # Far from the structure nothing moved.
+            np.testing.assert_array_equal(olab[:, :, -2:], lab[:, :, -2:])
+    assert seen >= 4 and thicker >= 3
+    # No foreground: unchanged.
+    blank = np.zeros_like(lab)
+    same, same_lab = contract_patch(img, blank, spacing, np.random.default_rng(0), opts)
+    assert same is img and same_lab is blank
 
 
 def test_keep_largest_and_single_piece_rule() -> None:

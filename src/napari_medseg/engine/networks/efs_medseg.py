@@ -106,6 +106,8 @@ class EfsMedSeg(Segmenter):
             "spatial_scale": [0.7, 1.4],
             "spatial_stretch": 0.0,  # per-axis zoom log-ratio (0 = isotropic zoom)
             "spatial_elastic": 0.0,  # elastic displacement SD in mm (0 = off)
+            "spatial_contract": 0.0,  # share of atlas patches contracted about a structure (0 = off)
+            "spatial_contract_strength": 0.6,
             # Share of training views that first get a random monotone intensity curve
             # (engine/train/volume_data.py random_curve); 0 = off.
             "intensity_curve": 0.0,

@@ -23,7 +23,13 @@ from napari_medseg.engine.metrics import dice_per_class
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.train.data import TrainingDataError, as_list, class_setup
 from napari_medseg.engine.train.regional_switch import SwitchOptions, random_switch
-from napari_medseg.engine.train.spatial_aug import SpatialOptions, random_field, random_matrix, warp_patch
+from napari_medseg.engine.train.spatial_aug import (
+    SpatialOptions,
+    contract_patch,
+    random_field,
+    random_matrix,
+    warp_patch,
+)
 from napari_medseg.engine.train.volume_geometry import (
     Plan,
     Spacing,
@@ -288,6 +294,8 @@ class VolumeData:
                 scale=tuple(cfg.get("spatial_scale", (0.7, 1.4))),  # type: ignore[arg-type]
                 stretch=float(cfg.get("spatial_stretch", 0.0)),
                 elastic=float(cfg.get("spatial_elastic", 0.0)),
+                contract=float(cfg.get("spatial_contract", 0.0)) if options.augment != "none" else 0.0,
+                contract_strength=float(cfg.get("spatial_contract_strength", 0.6)),
             ),
             unlabeled_per_batch=int(cfg["unlabeled_per_batch"]) if free else 0,
             strength={"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}[options.augment],
@@ -375,6 +383,9 @@ class VolumeData:
         views1, views2, labels = [], [], []
         for _ in range(batch_size):
             img, lab = self._atlas_patch(rng)
+            if self.spatial.contract > 0 and rng.random() < self.spatial.contract:
+                # No draw while off, so runs without it are unchanged.
+                img, lab = contract_patch(img, lab, self.plan.target_spacing, rng, self.spatial)
             if self.class_gain_prob > 0 and rng.random() < self.class_gain_prob:
                 img = class_gain(img, lab, rng)  # no draw at 0: runs without it are unchanged
             views1.append(intensity_view(img, rng, self.strength, self.curve_prob, self.gain_prob))
