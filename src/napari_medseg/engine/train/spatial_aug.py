@@ -169,17 +169,34 @@ def warp_patch(
     if field is not None:
         grid = grid + field
     src = (grid @ matrix.T) / sp + np.asarray(centre, float)  # source voxel coordinates
+    return sample_at(image, label, src, "zeros")
+
+
+def sample_at(
+    image: np.ndarray, label: np.ndarray | None, src: np.ndarray, padding: str
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read ``image`` (trilinear) and ``label`` (nearest) at source voxel coordinates.
+
+    Args:
+        image: (C, Z, Y, X) source volume.
+        label: (Z, Y, X) labels of the source, or ``None``.
+        src: (*out, 3) source voxel coordinates (z, y, x) of every output voxel.
+        padding: ``grid_sample``'s padding mode outside the source ("zeros", "border").
+
+    Returns:
+        (image (C, *out) float32, label (*out) int64 or ``None``).
+    """
     shape = np.asarray(image.shape[1:], float)
     # grid_sample wants (x, y, z) in [-1, 1] (align_corners=True: -1/1 are the edge voxels).
     norm = 2.0 * src / np.maximum(shape - 1, 1) - 1.0
     g = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]
     x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None]
-    out = F.grid_sample(x, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0].numpy()
+    out = F.grid_sample(x, g, mode="bilinear", padding_mode=padding, align_corners=True)[0].numpy()
     lab = None
     if label is not None:
         # Labels as float are exact for nearest sampling (class ids are small integers).
         t = torch.from_numpy(np.ascontiguousarray(label, np.float32))[None, None]
-        lab = F.grid_sample(t, g, mode="nearest", padding_mode="zeros", align_corners=True)[0, 0]
+        lab = F.grid_sample(t, g, mode="nearest", padding_mode=padding, align_corners=True)[0, 0]
         lab = lab.numpy().round().astype(np.int64)
     return np.ascontiguousarray(out), lab
 
@@ -234,11 +251,6 @@ def contract_patch(
     t = np.clip(1.0 - rho / radius, 0.0, 1.0)
     src = coords.copy()
     src[..., axes] = centre[..., axes] + offset * (1.0 + a * t**2)[..., None] / sp[axes]
-    shape = np.asarray(label.shape, float)
-    norm = 2.0 * src / np.maximum(shape - 1, 1) - 1.0
-    g = torch.from_numpy(norm[..., ::-1].astype(np.float32).copy())[None]
-    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None]
-    out = F.grid_sample(x, g, mode="bilinear", padding_mode="border", align_corners=True)[0].numpy()
-    lt = torch.from_numpy(np.ascontiguousarray(label, np.float32))[None, None]
-    lab = F.grid_sample(lt, g, mode="nearest", padding_mode="border", align_corners=True)[0, 0]
-    return np.ascontiguousarray(out), lab.numpy().round().astype(np.int64)
+    out, lab = sample_at(image, label, src, "border")
+    assert lab is not None
+    return out, lab
