@@ -77,6 +77,8 @@ def test_train_then_segment(toy_registered, tmp_path, capsys):
             "80",
             "--augment",
             "none",
+            "--orientation",
+            "upright",
             "--device",
             "cpu",
             "--option",
@@ -85,6 +87,8 @@ def test_train_then_segment(toy_registered, tmp_path, capsys):
     )
     assert rc == 0 and ckpt.is_file()
     assert "best validation Dice" in capsys.readouterr().out
+    provenance = nms.load_model(ckpt).provenance
+    assert provenance["options"]["orientation"] == provenance["data"]["orientation"] == "upright"
     out = tmp_path / "pred.nii.gz"
     assert main(["segment", str(ckpt), str(imgs / "case1.tif"), "-o", str(out), "--device", "cpu"]) == 0
     pred = read_image(out).data

@@ -76,6 +76,9 @@ def test_defaults_come_from_the_network(setup):
     opts = network_train_defaults("toy-test-net")
     assert (opts.lr, opts.batch_size, opts.augment) == (1e-2, 4, "light")
     assert w.lr.value() == pytest.approx(1e-2) and w.augment.currentText() == "light"
+    assert w.orientation.currentText() == "any" and w.orientation.isEnabled()
+    w.orientation.setCurrentText("upright")
+    assert w.options()["orientation"] == "upright"
     assert not w.unlabeled.isVisibleTo(w)  # a 2-D network: no unlabeled volumes
 
 

@@ -15,33 +15,24 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp())
 os.environ.setdefault("XDG_DATA_HOME", tempfile.mkdtemp())
 
 import napari  # noqa: E402
-import numpy as np  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
-from napari_medseg._sample_data import sample_2d, sample_3d  # noqa: E402
+from napari_medseg._sample_data import sample_2d  # noqa: E402
 from napari_medseg.widgets.finetune import FinetuneWidget  # noqa: E402
 from napari_medseg.widgets.segment import SegmentWidget  # noqa: E402
 
+# The painted sample and the wait loop are shared with the workflow benchmark.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from bench_sample_finetune import PAINTED, open_painted_sample, wait  # noqa: E402
+
 OUT = Path(__file__).resolve().parents[1] / "images"
 STEPS = int(os.environ.get("SHOT_STEPS", "8"))
-PAINTED = (30, 40, 50, 60, 70)
-
-
-def wait(widget: object, timeout: float = 1800) -> None:
-    """Process Qt events until the widget's job has ended."""
-    t0 = time.time()
-    while widget.job is not None and widget.job.running:  # type: ignore[attr-defined]
-        QApplication.processEvents()
-        time.sleep(0.05)
-        if time.time() - t0 > timeout:
-            sys.exit("timed out")
 
 
 def main() -> None:
@@ -49,14 +40,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 950)
-    (img, img_kw, _), (lab, lab_kw, _) = sample_3d()
-    image = viewer.add_image(img, **img_kw)
-    painted = np.zeros_like(lab)
-    for z in PAINTED:
-        painted[z] = lab[z]
-    lab_kw = {**lab_kw, "name": "painted (5 slices)", "visible": True}
-    viewer.add_labels(painted, **lab_kw)
-    viewer.dims.set_point(0, PAINTED[2] * image.scale[0])
+    image, _, _ = open_painted_sample(viewer)
+    img = image.data
 
     ft = FinetuneWidget(viewer)
     ft_dock = viewer.window.add_dock_widget(ft, name="Fine-tune (MedSeg)", area="right")

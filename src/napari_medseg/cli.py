@@ -209,6 +209,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "crop_size": args.crop_size,
             "augment": args.augment,
+            "orientation": args.orientation,
             "seed": args.seed,
             "device": args.device,
             "checkpoint": args.output,
@@ -305,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="learning rate")
     t.add_argument("--batch-size", type=int, default=None, help="batch size per process")
     t.add_argument("--crop-size", type=int, default=None, help="training crop size")
-    t.add_argument("--augment", default=None, choices=["none", "light", "default", "strong"])
+    t.add_argument("--augment", default=None, choices=["none", "light", "default", "strong", "paper"])
+    t.add_argument(
+        "--orientation",
+        default=None,
+        choices=["auto", "any", "upright"],
+        help="views: any = quarter turns and flips; upright = left-right flips only (ultrasound, "
+        "radiology); auto = upright for grayscale, any for colour",
+    )
     t.add_argument("--seed", type=int, default=None, help="random seed")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     t.add_argument("--resume", action="store_true", help="continue from --output if it exists")

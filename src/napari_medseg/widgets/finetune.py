@@ -57,7 +57,8 @@ from napari_medseg.widgets.session import SessionModel, default_checkpoint_dir, 
 
 log = logging.getLogger(__name__)
 
-AUGMENT = ("none", "light", "default", "strong")
+AUGMENT = ("none", "light", "default", "strong", "paper")
+ORIENTATION = ("auto", "any", "upright")
 
 
 class FinetuneWidget(QWidget):
@@ -104,6 +105,13 @@ class FinetuneWidget(QWidget):
         self.crop_size.setSpecialValueText("network input")
         self.augment = QComboBox()
         self.augment.addItems(AUGMENT)
+        self.orientation = QComboBox()
+        self.orientation.addItems(ORIENTATION)
+        self.orientation.setToolTip(
+            "Which way training views may turn. any: quarter turns and flips (endoscopy, "
+            "dermoscopy); upright: left-right flips only, the top stays the top (ultrasound, "
+            "CT/MRI slices); auto: upright for grayscale images, any for colour"
+        )
         self.val_fraction = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=0.9, singleStep=0.05)
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1)
         self.device = QComboBox()
@@ -127,6 +135,7 @@ class FinetuneWidget(QWidget):
             ("Batch size", self.batch_size),
             ("Crop size", self.crop_size),
             ("Augmentation", self.augment),
+            ("Orientation", self.orientation),
             ("Validation fraction", self.val_fraction),
             ("Seed", self.seed),
             ("Device", self.device),
@@ -175,11 +184,14 @@ class FinetuneWidget(QWidget):
         self.batch_size.setValue(opts.batch_size)
         self.crop_size.setValue(opts.crop_size)
         self.augment.setCurrentText(opts.augment)
+        self.orientation.setCurrentText(opts.orientation)
         self.val_fraction.setValue(opts.val_fraction)
         self.seed.setValue(opts.seed)
         self.device.setCurrentText(opts.device if opts.device in available_devices() else "auto")
         card = model_card(name)
         self.uses_unlabeled = card.spatial_dims == 3 or "unlabeled" in card.tags
+        # 3-D networks draw their own rotations (engine/train/spatial_aug.py).
+        self.orientation.setEnabled(card.spatial_dims == 2)
         self.unlabeled.setVisible(self.uses_unlabeled)
         self.unlabeled_label.setVisible(self.uses_unlabeled)
         self.network.setToolTip(card.summary)
@@ -225,6 +237,7 @@ class FinetuneWidget(QWidget):
             "batch_size": self.batch_size.value(),
             "crop_size": self.crop_size.value(),
             "augment": self.augment.currentText(),
+            "orientation": self.orientation.currentText(),
             "val_fraction": self.val_fraction.value(),
             "seed": self.seed.value(),
             "device": self.device.currentText(),

@@ -27,6 +27,13 @@ def flip_rot90(
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
+def flip_lr(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random left-right flip only: keeps which side is up (label-exact)."""
+    if rng.random() < 0.5:
+        image, label = image[:, :, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
 def affine(
     image: np.ndarray,
     label: np.ndarray,
@@ -85,6 +92,64 @@ def make_intensity(strength: float) -> Transform:
     return apply
 
 
+def crop_zoom(
+    image: np.ndarray, label: np.ndarray, fraction: float, corner: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a window of ``fraction`` × (H, W) and resize it back to (H, W).
+
+    Args:
+        image: (C, H, W) float.
+        label: (H, W) int.
+        fraction: Side of the window as a share of each side (0 < fraction ≤ 1).
+        corner: Top-left corner of the window as shares (y, x) of the free room.
+    """
+    h, w = label.shape
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    y0, x0 = round((h - ch) * corner[0]), round((w - cw) * corner[1])
+    img = torch.from_numpy(np.ascontiguousarray(image[:, y0 : y0 + ch, x0 : x0 + cw], dtype=np.float32))
+    lab = torch.from_numpy(np.ascontiguousarray(label[y0 : y0 + ch, x0 : x0 + cw])).float()
+    img = F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    lab = F.interpolate(lab[None, None], size=(h, w), mode="nearest")[0, 0]
+    return img.numpy(), lab.numpy().astype(label.dtype)
+
+
+def elastic(
+    image: np.ndarray, label: np.ndarray, sigma: float, rng: np.random.Generator, grid: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random displacement: Gaussian offsets (std ``sigma`` × side) on a ``grid``² lattice,
+    interpolated bicubically over the image; bilinear image, nearest label.
+    """
+    h, w = label.shape
+    offsets = torch.from_numpy(rng.normal(0.0, 2.0 * sigma, size=(1, 2, grid, grid)).astype(np.float32))
+    field = F.interpolate(offsets, size=(h, w), mode="bicubic", align_corners=True)[0].permute(1, 2, 0)
+    ys = torch.linspace(-1, 1, h)
+    xs = torch.linspace(-1, 1, w)
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
+    grid_xy = (base + field)[None]
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    lab = torch.from_numpy(np.ascontiguousarray(label)).float()[None, None]
+    img = F.grid_sample(img, grid_xy, mode="bilinear", padding_mode="border", align_corners=True)
+    lab = F.grid_sample(lab, grid_xy, mode="nearest", padding_mode="border", align_corners=True)
+    return img[0].numpy(), lab[0, 0].numpy().astype(label.dtype)
+
+
+def sam_paper_transform(
+    image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """HF-SAM's (H-SAM's) training views: one of rotation, zoomed crop or elastic warp.
+
+    With p 0.45 a rotation by up to ±20°; else with p 0.75 a crop of 20–80 % of each side
+    (the same share for both) resized back; else an elastic warp (specs/networks.md §4.6).
+    """
+    u = rng.random()
+    if u < 0.45:
+        return affine(image, label, float(rng.uniform(-20, 20)), 1.0)
+    if u < 0.45 + 0.55 * 0.75:
+        corner = (float(rng.random()), float(rng.random()))
+        return crop_zoom(image, label, float(rng.uniform(0.2, 0.8)), corner)
+    return elastic(image, label, 0.04, rng)
+
+
 PRESETS: dict[str, tuple[float, tuple[float, float], float, float]] = {
     # name: (max angle, scale range, affine probability, intensity strength)
     "light": (10.0, (0.9, 1.1), 0.3, 0.1),
@@ -93,12 +158,19 @@ PRESETS: dict[str, tuple[float, tuple[float, float], float, float]] = {
 }
 
 
-def generic_transforms(preset: str) -> list[Transform]:
-    """The shared augmentation chain for a preset name (``"none"`` gives no transform)."""
+def generic_transforms(preset: str, orientation: str = "any") -> list[Transform]:
+    """The shared augmentation chain for a preset name (``"none"`` gives no transform).
+
+    ``orientation="upright"`` replaces the quarter turns and vertical flips by left-right
+    flips, for images whose top is always the same side (ultrasound, radiology slices).
+    """
     if preset == "none":
         return []
+    first = flip_lr if orientation == "upright" else flip_rot90
+    if preset == "paper":
+        return [first, sam_paper_transform]
     angle, scales, p, strength = PRESETS[preset]
-    return [flip_rot90, make_random_affine(angle, scales, p), make_intensity(strength)]
+    return [first, make_random_affine(angle, scales, p), make_intensity(strength)]
 
 
 def apply_chain(

@@ -104,6 +104,7 @@ class SliceData:
         crop_size: Training crop side.
         transforms: Network-specific then generic augmentation.
         note: Remark for the user (e.g. validation on augmented views).
+        orientation: The resolved ``TrainOptions.orientation`` (``"any"`` or ``"upright"``).
     """
 
     train: list[tuple[np.ndarray, np.ndarray]]
@@ -115,6 +116,7 @@ class SliceData:
     crop_size: int
     transforms: list[Transform] = field(default_factory=list)
     note: str = ""
+    orientation: str = "any"
     _indices: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -156,9 +158,11 @@ class SliceData:
         pairs: list[tuple[np.ndarray, np.ndarray]] = []
         free: list[np.ndarray] = []
         resolved: IntensityPreset | None = None
+        colour = False
         for img, lab in zip(imgs, labs):
             prep = prepare_image(img, channel_axis, resolved or preset)
             resolved = resolved or prep.preset
+            colour = colour or is_colour(prep.data, prep.rgb)
             if tuple(lab.shape) != prep.spatial_shape:
                 raise TrainingDataError(
                     f"labels of shape {tuple(lab.shape)} do not match the image's spatial shape "
@@ -172,6 +176,9 @@ class SliceData:
             prep = prepare_image(img, channel_axis, resolved or preset)
             free += [_to_working(s, None, seg.working_size)[0] for s in prep.data]
         assert resolved is not None
+        orientation = options.orientation
+        if orientation == "auto":
+            orientation = "any" if colour else "upright"
         rng = np.random.default_rng(options.seed)
         order = rng.permutation(len(pairs))
         note = ""
@@ -181,13 +188,13 @@ class SliceData:
             train = [pairs[i] for i in order[n_val:]]
         else:
             train = pairs
-            chain = generic_transforms("default")
+            chain = generic_transforms("default", orientation)
             vrng = np.random.default_rng(options.seed + 7)
             val = [apply_chain(chain, *pairs[0], vrng) for _ in range(4)]
             note = "one labeled slice: validation uses 4 augmented views of it, so its Dice is optimistic"
         crop = options.crop_size or seg.input_size
-        chain = list(extra_transforms) + generic_transforms(options.augment)
-        data = cls(train, val, free, k, names, resolved, crop, chain, note)
+        chain = list(extra_transforms) + generic_transforms(options.augment, orientation)
+        data = cls(train, val, free, k, names, resolved, crop, chain, note, orientation)
         data._indices = list(range(len(train)))
         # Validation on views of the training slice says nothing about unseen images.
         data.val_from_training = len(pairs) < 2
@@ -236,8 +243,18 @@ class SliceData:
             "val_slices": len(self.val),
             "unlabeled_slices": len(self.unlabeled),
             "num_classes": self.num_classes,
+            "orientation": self.orientation,
             "note": self.note,
         }
+
+
+def is_colour(data: np.ndarray, rgb: bool) -> bool:
+    """Whether prepared (Z, C, Y, X) data carry colour: RGB whose channels are not all equal
+    (grayscale saved as RGB, e.g. many ultrasound PNGs, counts as grayscale).
+    """
+    if not rgb or data.shape[1] < 2:
+        return False
+    return bool(np.any(data[:, 1:] != data[:, :1]))
 
 
 def _to_working(

@@ -24,7 +24,14 @@ class TrainOptions:
         weight_decay: Weight decay.
         batch_size: Samples per step (per process under torchrun).
         crop_size: Training crop side (2-D) or edge (3-D); 0 = the network's input size.
-        augment: ``"none"``, ``"light"``, ``"default"`` or ``"strong"``.
+        augment: ``"none"``, ``"light"``, ``"default"``, ``"strong"`` or ``"paper"`` (HF-SAM's
+            own views: one of a ±20° turn, a zoomed crop or an elastic warp).
+        orientation: Which orientations 2-D training views take. ``"any"``: the eight quarter
+            turns and flips (endoscopy, dermoscopy, microscopy: no side is up);
+            ``"upright"``: left-right flips only, the top stays the top (ultrasound, where the
+            probe is at the top and shadows fall below, and radiology slices);
+            ``"auto"``: upright for grayscale images (no channel axis, or all channels
+            equal), any for colour.
         val_fraction: Share of labeled slices held out (at least one when there are ≥ 2).
         val_every: Validate every this many steps (0: ten times per run).
         seed: Seed for weights of new layers, sampling and augmentation.
@@ -52,6 +59,7 @@ class TrainOptions:
     batch_size: int = 4
     crop_size: int = 0
     augment: str = "default"
+    orientation: str = "any"
     val_fraction: float = 0.2
     val_every: int = 0
     seed: int = 0
@@ -106,8 +114,10 @@ class TrainOptions:
             raise ValueError(f"schedule must be cosine, poly or constant, got {self.schedule!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.augment not in ("none", "light", "default", "strong"):
-            raise ValueError(f"augment must be none, light, default or strong, got {self.augment!r}")
+        if self.augment not in ("none", "light", "default", "strong", "paper"):
+            raise ValueError(f"augment must be none, light, default, strong or paper, got {self.augment!r}")
+        if self.orientation not in ("auto", "any", "upright"):
+            raise ValueError(f"orientation must be auto, any or upright, got {self.orientation!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (for checkpoint provenance)."""
