@@ -109,6 +109,13 @@ def test_untrained_and_2d_errors() -> None:
         next(iter(seg.finetune([img[6]], [lab[6]], steps=1)))
 
 
+def test_two_d_augment_preset_is_refused_with_a_message() -> None:
+    seg = nms.load_model("efs-medseg", **TINY)
+    img, lab = phantom(0)
+    with pytest.raises(TrainingDataError, match="'paper' is for 2-D networks"):
+        next(iter(seg.finetune([img], [lab], steps=1, augment="paper")))
+
+
 # ----------------------------------------------------------------------------- losses
 def test_losses_differentiable_and_finite() -> None:
     torch.manual_seed(0)

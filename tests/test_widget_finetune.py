@@ -26,7 +26,8 @@ from qtpy.QtCore import Qt  # noqa: E402
 from napari_medseg.engine import registry  # noqa: E402
 from napari_medseg.engine.api import load_model  # noqa: E402
 from napari_medseg.engine.checkpoint import read_metadata  # noqa: E402
-from napari_medseg.widgets.finetune import FinetuneWidget, network_train_defaults  # noqa: E402
+from napari_medseg.engine.train.options import network_train_defaults  # noqa: E402
+from napari_medseg.widgets.finetune import FinetuneWidget  # noqa: E402
 from napari_medseg.widgets.segment import SegmentWidget  # noqa: E402
 from napari_medseg.widgets.session import session_models  # noqa: E402
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from napari_medseg.engine.train.options import AUGMENT_PRESETS, ORIENTATIONS
+
 log = logging.getLogger("napari_medseg")
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
@@ -306,11 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="learning rate")
     t.add_argument("--batch-size", type=int, default=None, help="batch size per process")
     t.add_argument("--crop-size", type=int, default=None, help="training crop size")
-    t.add_argument("--augment", default=None, choices=["none", "light", "default", "strong", "paper"])
+    t.add_argument("--augment", default=None, choices=AUGMENT_PRESETS)
     t.add_argument(
         "--orientation",
         default=None,
-        choices=["auto", "any", "upright"],
+        choices=ORIENTATIONS,
         help="views: any = quarter turns and flips; upright = left-right flips only (ultrasound, "
         "radiology); auto = upright for grayscale, any for colour",
     )

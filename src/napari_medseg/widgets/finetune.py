@@ -21,7 +21,6 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -30,15 +29,13 @@ from qtpy.QtWidgets import (
     QListWidget,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_medseg.engine.device import available_devices
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import model_card
-from napari_medseg.engine.train.options import TrainProgress, network_train_defaults
+from napari_medseg.engine.train.options import TrainProgress
 from napari_medseg.widgets._layers import (
     LayerCombo,
     LayerError,
@@ -51,14 +48,12 @@ from napari_medseg.widgets._layers import (
 )
 from napari_medseg.widgets._pairs import checkable, extra_pairs, pair_text, ticked
 from napari_medseg.widgets._plot import LossPlot
+from napari_medseg.widgets._train_form import TrainOptionsForm
 from napari_medseg.widgets._worker import EngineJob
 from napari_medseg.widgets.segment import available_networks
 from napari_medseg.widgets.session import SessionModel, default_checkpoint_dir, session_models
 
 log = logging.getLogger(__name__)
-
-AUGMENT = ("none", "light", "default", "strong", "paper")
-ORIENTATION = ("auto", "any", "upright")
 
 
 class FinetuneWidget(QWidget):
@@ -98,24 +93,12 @@ class FinetuneWidget(QWidget):
         self.more.setToolTip(
             "Other painted Labels layers (with their images) to train on too, e.g. a 2nd atlas"
         )
-        self.steps = QSpinBox(minimum=1, maximum=1_000_000)
-        self.lr = QDoubleSpinBox(decimals=6, minimum=1e-6, maximum=10.0, singleStep=1e-4)
-        self.batch_size = QSpinBox(minimum=1, maximum=1024)
-        self.crop_size = QSpinBox(minimum=0, maximum=4096, singleStep=16)
-        self.crop_size.setSpecialValueText("network input")
-        self.augment = QComboBox()
-        self.augment.addItems(AUGMENT)
-        self.orientation = QComboBox()
-        self.orientation.addItems(ORIENTATION)
-        self.orientation.setToolTip(
-            "Which way training views may turn. any: quarter turns and flips (endoscopy, "
-            "dermoscopy); upright: left-right flips only, the top stays the top (ultrasound, "
-            "CT/MRI slices); auto: upright for grayscale images, any for colour"
-        )
-        self.val_fraction = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=0.9, singleStep=0.05)
-        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1)
-        self.device = QComboBox()
-        self.device.addItems(available_devices())
+        self.train_form = TrainOptionsForm()
+        # The fields under their own names too (scripts and tests set them directly).
+        f = self.train_form
+        self.steps, self.lr, self.batch_size, self.crop_size = f.steps, f.lr, f.batch_size, f.crop_size
+        self.augment, self.orientation, self.val_fraction = f.augment, f.orientation, f.val_fraction
+        self.seed, self.device = f.seed, f.device
         self.checkpoint = QLineEdit()
         self.checkpoint.setPlaceholderText("default: user data folder")
         self.save_as = QPushButton("Save as…")
@@ -130,15 +113,7 @@ class FinetuneWidget(QWidget):
             ("Labels", self.labels),
             ("More labeled", self.more),
             (self.unlabeled_label, self.unlabeled),
-            ("Steps", self.steps),
-            ("Learning rate", self.lr),
-            ("Batch size", self.batch_size),
-            ("Crop size", self.crop_size),
-            ("Augmentation", self.augment),
-            ("Orientation", self.orientation),
-            ("Validation fraction", self.val_fraction),
-            ("Seed", self.seed),
-            ("Device", self.device),
+            *self.train_form.rows(),
         ):
             form.addRow(text, w)
         form.addRow("Checkpoint", ck_row)
@@ -178,20 +153,9 @@ class FinetuneWidget(QWidget):
         if not name:
             self.status.setText("no trainable network is installed")
             return
-        opts = network_train_defaults(name)
-        self.steps.setValue(opts.steps)
-        self.lr.setValue(opts.lr)
-        self.batch_size.setValue(opts.batch_size)
-        self.crop_size.setValue(opts.crop_size)
-        self.augment.setCurrentText(opts.augment)
-        self.orientation.setCurrentText(opts.orientation)
-        self.val_fraction.setValue(opts.val_fraction)
-        self.seed.setValue(opts.seed)
-        self.device.setCurrentText(opts.device if opts.device in available_devices() else "auto")
+        self.train_form.load(name)
         card = model_card(name)
         self.uses_unlabeled = card.spatial_dims == 3 or "unlabeled" in card.tags
-        # 3-D networks draw their own rotations (engine/train/spatial_aug.py).
-        self.orientation.setEnabled(card.spatial_dims == 2)
         self.unlabeled.setVisible(self.uses_unlabeled)
         self.unlabeled_label.setVisible(self.uses_unlabeled)
         self.network.setToolTip(card.summary)
@@ -231,17 +195,7 @@ class FinetuneWidget(QWidget):
 
     def options(self) -> dict[str, Any]:
         """Return the training options chosen in the form (fields of :class:`TrainOptions`)."""
-        return {
-            "steps": self.steps.value(),
-            "lr": self.lr.value(),
-            "batch_size": self.batch_size.value(),
-            "crop_size": self.crop_size.value(),
-            "augment": self.augment.currentText(),
-            "orientation": self.orientation.currentText(),
-            "val_fraction": self.val_fraction.value(),
-            "seed": self.seed.value(),
-            "device": self.device.currentText(),
-        }
+        return self.train_form.values()
 
     # ----------------------------------------------------------------- checks
     def _inputs(

@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+AUGMENT_PRESETS = ("none", "light", "default", "strong", "paper")
+ORIENTATIONS = ("auto", "any", "upright")
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -114,10 +117,12 @@ class TrainOptions:
             raise ValueError(f"schedule must be cosine, poly or constant, got {self.schedule!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.augment not in ("none", "light", "default", "strong", "paper"):
-            raise ValueError(f"augment must be none, light, default, strong or paper, got {self.augment!r}")
-        if self.orientation not in ("auto", "any", "upright"):
-            raise ValueError(f"orientation must be auto, any or upright, got {self.orientation!r}")
+        if self.augment not in AUGMENT_PRESETS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, got {self.augment!r}")
+        if self.orientation not in ORIENTATIONS:
+            raise ValueError(
+                f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (for checkpoint provenance)."""

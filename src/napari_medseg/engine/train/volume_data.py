@@ -72,6 +72,8 @@ def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) ->
 GAIN_MIN = 0.4  # darkest gain of the gain augmentation (see intensity_view)
 
 
+# Intensity-view strength per augment preset; "paper" (HF-SAM's 2-D views) has no 3-D meaning.
+VIEW_STRENGTH = {"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}
 CLASS_GAIN_RANGE = (0.35, 1.25)  # per-structure gain range of class_gain (log-uniform)
 
 
@@ -201,9 +203,14 @@ class VolumeData:
                 (held-out volumes), ``class_names``, ``channel_axis``.
 
         Raises:
-            TrainingDataError: 2-D input, mismatched shapes, nothing labeled.
+            TrainingDataError: 2-D input, mismatched shapes, nothing labeled, a 2-D-only
+                augment preset.
         """
         cfg, extra = seg.config, options.extra
+        if options.augment not in VIEW_STRENGTH:
+            raise TrainingDataError(
+                f"augment {options.augment!r} is for 2-D networks; choose one of {', '.join(VIEW_STRENGTH)}"
+            )
         imgs, labs = as_list(images), as_list(labels)
         if len(imgs) != len(labs) or not imgs:
             raise TrainingDataError(
@@ -298,7 +305,7 @@ class VolumeData:
                 contract_strength=float(cfg.get("spatial_contract_strength", 0.6)),
             ),
             unlabeled_per_batch=int(cfg["unlabeled_per_batch"]) if free else 0,
-            strength={"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}[options.augment],
+            strength=VIEW_STRENGTH[options.augment],
             curve_prob=float(cfg.get("intensity_curve", 0.0)),
             gain_prob=float(cfg.get("intensity_gain", 0.0)),
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
