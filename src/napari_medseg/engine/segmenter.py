@@ -167,6 +167,14 @@ class Segmenter:
         """(B, C, H, W) in ``[0, 1]`` → (B, K, H, W) class logits (2-D networks)."""
         return self.module(self.network_input(x))
 
+    def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits that training's validation scores (2-D networks); :meth:`logits` by default.
+
+        A network whose :meth:`logits` adds test-time views may validate on one view instead,
+        so that the weights a run keeps do not depend on an inference option.
+        """
+        return self.logits(x)
+
     # ----------------------------------------------------------------- segmentation
     def prepare(self, image: np.ndarray, channel_axis: int | None = None) -> PreparedImage:
         """Check an image and scale it with this model's preset (see :func:`prepare_image`)."""

@@ -38,6 +38,7 @@ from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import register
 from napari_medseg.engine.segmenter import NotTrainedError, Segmenter, match_channels
+from napari_medseg.engine.tta import flip_averaged_logits, views_for_orientation
 from napari_medseg.models.hf_sam import HFSAM
 from napari_medseg.models.hf_sam.lora import add_lora, has_lora, lora_state
 
@@ -136,6 +137,19 @@ class HFSAMSegmenter(Segmenter):
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] → 3 channels (HFSAM normalises inside)."""
         return match_channels(x, 3)
+
+    def test_time_views(self) -> int:
+        """Mirrored views the prompt-free head averages (``tta``; "auto": as training resolved)."""
+        tta = self.config.get("tta", "auto")
+        return int((self.config.get("tta_views") or 1) if tta == "auto" else tta)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] → (B, K, H, W), averaged over the ``tta`` mirrored views."""
+        return flip_averaged_logits(super().logits, x, self.test_time_views())
+
+    def validation_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One view: the weights a run keeps do not depend on the ``tta`` inference option."""
+        return super().logits(x)
 
     def iter_refine(
         self, labels: np.ndarray, image: np.ndarray, channel_axis: int | None
@@ -262,6 +276,8 @@ class HFSAMSegmenter(Segmenter):
         if data.num_classes != self.module.hf.num_classes:
             self.module.hf.reset_classes(data.num_classes, self.module.mask_decoder)
         self.class_names = list(data.class_names)
+        # Test-time mirrors: only those the training views contained (engine/tta.py).
+        self.config["tta_views"] = views_for_orientation(str(getattr(data, "orientation", "any")))
         self._val_base_box: float | None = None  # the base's validation box Dice, once per run
         # One painted slice: validation sees only views of it, no evidence for tuned prompts.
         self._val_from_training = bool(getattr(data, "val_from_training", False))

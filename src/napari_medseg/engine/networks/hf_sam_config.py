@@ -48,6 +48,19 @@ RUN_OPTIONS = (
         "costs one more image embedding per slice",
         values=("off", "boxes"),
     ),
+    RunOption(
+        "tta",
+        "Mirrored views",
+        "choice",
+        "auto",
+        "Without prompts: average the head's class probabilities over mirrored copies of each "
+        "slice. auto: the mirrors training showed the model (left-right for grayscale images "
+        "trained upright, all four flips for colour images; none for models saved before this "
+        "option). BUSI, 5 painted images, four seeds: Dice 0.577 → 0.592; each extra view "
+        "costs one more image embedding",
+        choices=("auto", 1, 2, 4),
+        choice_labels=("auto (as trained)", "off", "2 (left-right mirror)", "4 (all flips)"),
+    ),
 )
 
 
@@ -80,6 +93,9 @@ def default_config() -> dict[str, Any]:
         # The fine-tuned decoder refined better on every set measured (docs), even where the
         # user's own prompts fall back to the base model.
         "refine_weights": "finetuned",
+        # Prompt-free head averaged over mirrored views (engine/tta.py): auto | 1 | 2 | 4.
+        "tta": "auto",
+        "tta_views": None,  # what "auto" resolves to, set by training from its orientation
         "roi_zoom": "auto",  # auto | always | off
         "roi_threshold": 0.15,
         "roi_context": 3.0,

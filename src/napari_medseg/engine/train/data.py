@@ -224,14 +224,13 @@ class SliceData:
         with torch.inference_mode():
             for image, label in self.val:
                 x = torch.from_numpy(image)[None].to(seg.device)
+                net = seg.validation_logits
                 if max(image.shape[1:]) > seg.input_size:
                     from napari_medseg.engine.runner import drain, predict_slice_logits
 
-                    logits = drain(predict_slice_logits(x[0], seg.logits, seg.input_size, seg.working_size))[
-                        None
-                    ]  # type: ignore[index]
+                    logits = drain(predict_slice_logits(x[0], net, seg.input_size, seg.working_size))[None]  # type: ignore[index]
                 else:
-                    logits = batched_fit_logits(x, seg.logits, seg.input_size)
+                    logits = batched_fit_logits(x, net, seg.input_size)
                 pred = logits.argmax(1)[0].cpu().numpy()
                 scores.append(mean_foreground_dice(pred, label, self.num_classes))
         return {"val_dice": float(np.mean(scores))} | seg.extra_validation(self.val)
