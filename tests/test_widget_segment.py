@@ -269,14 +269,18 @@ def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(vie
     refine = w.options.editor("refine")
     assert refine is not None and not w.options.isHidden() and refine.isChecked()
     refine.setChecked(False)
+    mirrors = w.options.editor("tta")  # Mirrored views: starts as trained, "off" reaches the run
+    assert mirrors is not None and mirrors.currentText() == "auto (as trained)"
+    assert seg.test_time_views() == 2  # the gray disc trained upright: slice + left-right mirror
+    mirrors.setCurrentText("off")
     w.run()
     wait_idle(qtbot, w)
     out = viewer.layers[f"img [{entry.name}]"]
-    assert seg.config["refine"] == "boxes"  # the session model keeps its own setting
+    assert seg.config["refine"] == "boxes" and seg.config["tta"] == "auto"  # session model kept
     raw = seg.segment(img)
-    seg.config["refine"] = "off"
+    seg.config["refine"], seg.config["tta"] = "off", 1
     np.testing.assert_array_equal(out.data, seg.segment(img))
-    seg.config["refine"] = "boxes"
+    seg.config["refine"], seg.config["tta"] = "boxes", "auto"
     assert not np.array_equal(raw, out.data)  # unticking really skipped the refinement
 
 
