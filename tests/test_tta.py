@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import napari_medseg as nms
-from napari_medseg.engine.tta import flip_averaged_logits, views_for_orientation
+from napari_medseg.engine.tta import flip_averaged_logits, resolve_views, views_for_orientation
 from test_hf_sam import disc_image, finetune_disc, tiny
 
 
@@ -50,6 +50,11 @@ def test_mirror_symmetric_network_is_unchanged():
 def test_bad_view_count_is_refused():
     with pytest.raises(ValueError, match="one of"):
         flip_averaged_logits(lopsided, torch.rand(1, 3, 4, 4), 3)
+
+
+def test_auto_takes_what_training_stored():
+    assert resolve_views("auto", None) == 1  # models saved before the option
+    assert resolve_views("auto", 4) == 4 and resolve_views(2, 4) == 2 and resolve_views(0, None) == 1
 
 
 def test_orientation_decides_the_views():

@@ -1,4 +1,4 @@
-"""Test-time mirrored views of 2-D slices: class probabilities averaged over flips.
+"""Test-time views: resolving a ``tta`` option, and 2-D class probabilities averaged over flips.
 
 A network fine-tuned on a few painted slices answers differently for an image and its mirror
 image; averaging the two (or four) answers removes part of that noise. Only views that
@@ -21,6 +21,13 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 # 2 = + left-right mirror, 4 = + upside down and both (= a half turn).
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 VIEW_COUNTS = (1, 2, 4)
+
+
+def resolve_views(option: int | str, trained: int | None) -> int:
+    """Views a ``tta`` option asks for: ``"auto"`` → what training stored (``trained``, None →
+    1), else the option itself as an int (at least 1). Shared by every network's ``tta``.
+    """
+    return max(1, int((trained or 1) if option == "auto" else option))
 
 
 def views_for_orientation(orientation: str) -> int:

@@ -25,6 +25,7 @@ from napari_medseg.engine.run_options import RunOption
 from napari_medseg.engine.runner import drain, resize, sliding_window
 from napari_medseg.engine.segmenter import Segmenter
 from napari_medseg.engine.train.losses import segmentation_loss
+from napari_medseg.engine.tta import resolve_views
 from napari_medseg.models.efs_medseg import EfsMedSegNet, default_pools
 from napari_medseg.models.efs_medseg_losses import (
     anatomy_contrastive_loss,
@@ -221,8 +222,7 @@ class EfsMedSeg(Segmenter):
         run once. "auto" uses the turns training resolved (``tta_turns``): only a model trained
         with in-plane rotations of 90° and more knows every turned view.
         """
-        tta = self.config.get("tta", 1)
-        turns = max(1, int((self.config.get("tta_turns") or 1) if tta == "auto" else tta))
+        turns = resolve_views(self.config.get("tta", 1), self.config.get("tta_turns"))
         ts = self.config.get("target_spacing") or (1.0, 1.0, 1.0)
         if abs(float(ts[1]) - float(ts[2])) > 1e-6 * float(ts[1]):
             turns = 1

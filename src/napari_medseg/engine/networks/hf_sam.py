@@ -38,7 +38,7 @@ from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Embedding, PromptResult, Prompts, PromptSession, image_hash
 from napari_medseg.engine.registry import register
 from napari_medseg.engine.segmenter import NotTrainedError, Segmenter, match_channels
-from napari_medseg.engine.tta import flip_averaged_logits, views_for_orientation
+from napari_medseg.engine.tta import flip_averaged_logits, resolve_views, views_for_orientation
 from napari_medseg.models.hf_sam import HFSAM
 from napari_medseg.models.hf_sam.lora import add_lora, has_lora, lora_state
 
@@ -140,8 +140,7 @@ class HFSAMSegmenter(Segmenter):
 
     def test_time_views(self) -> int:
         """Mirrored views the prompt-free head averages (``tta``; "auto": as training resolved)."""
-        tta = self.config.get("tta", "auto")
-        return int((self.config.get("tta_views") or 1) if tta == "auto" else tta)
+        return resolve_views(self.config.get("tta", "auto"), self.config.get("tta_views"))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] → (B, K, H, W), averaged over the ``tta`` mirrored views."""
