@@ -5,7 +5,10 @@ split with the defaults and ``--seed`` (or loads the checkpoint an earlier run s
 ``--checkpoint``), then scores prompt-free Dice with ``tta`` = each of ``--views`` — raw head
 (``refine="off"``) and refined by its own boxes (the default output) — on the split's 20 test
 images and on ``--extra`` more images of the set (shuffle positions 25 onwards), which narrows
-the noise of a 20-image mean. Usage::
+the noise of a 20-image mean (``--extra 85`` takes every other image of a 110-image set).
+``--set KEY=JSON`` overrides an inference option first (e.g. ``refine_score_margin=null``:
+the refinement before its score filter); ``--skip-raw`` scores only the refined output.
+Usage::
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_hf_sam_tta.py --dataset busi --seed 0 \\
         --checkpoint /tmp/busi_k5_seed0.safetensors --views 1 2 --threads 1 --name hf_sam_tta_busi_seed0
@@ -14,6 +17,7 @@ the noise of a 20-image mean. Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -61,12 +65,19 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="", help="load it if it exists, else train and save it here")
     ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--extra", type=int, default=40, help="more test images beyond the split's 20")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="inference option")
+    ap.add_argument("--skip-raw", action="store_true", help="score only the refined output")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     seg, train_s = fine_tuned(args.dataset, args.seed, args.steps, ckpt)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        if key not in seg.config:
+            sys.exit(f"unknown option {key!r}")
+        seg.config[key] = json.loads(value)
     all_cases = cases(args.dataset)
     order = np.random.default_rng(0).permutation(len(all_cases))
     stems = [all_cases[i]["stem"] for i in [*order[:20], *order[25 : 25 + args.extra]]]
@@ -74,7 +85,7 @@ def main() -> None:
     for n in args.views:
         seg.config["tta"] = n
         row: dict = {"views": n}
-        for refine in ("off", "boxes"):
+        for refine in ("boxes",) if args.skip_raw else ("off", "boxes"):
             seg.config["refine"] = refine
             t0 = time.perf_counter()
             scores = []

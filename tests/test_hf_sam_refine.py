@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_medseg.engine.networks.hf_sam_refine import has_holes, refine_slice
-from napari_medseg.engine.prompt import mask_box
+from napari_medseg.engine.prompt import Prompts, mask_box
 from test_hf_sam import disc_image, finetune_disc, tiny
 
 
@@ -18,7 +18,7 @@ def _shrunk_box_answer(calls: list):
         y0, x0, y1, x1 = (int(v) for v in box)
         out = np.zeros((64, 64), dtype=bool)
         out[y0 + 4 : y1 - 3, x0 + 4 : x1 - 3] = True
-        return out
+        return out, 0.9
 
     return decode
 
@@ -54,7 +54,7 @@ def test_rings_and_empty_answers_keep_the_predicted_piece():
     labels = np.where(ring, 2, 0).astype(np.int32)
     labels[1:7, 1:7] = 1
     calls: list = []
-    out = refine_slice(labels, lambda box: calls.append(box) or np.zeros((64, 64), dtype=bool))
+    out = refine_slice(labels, lambda box: calls.append(box) or (np.zeros((64, 64), dtype=bool), 0.5))
     assert calls == [mask_box(labels == 1)]  # the ring was never sent as a box
     np.testing.assert_array_equal(out, labels)  # the square's empty answer kept the square
 
@@ -70,12 +70,38 @@ def test_pixels_claimed_by_two_classes():
         c = 1 if box[1] < 10 else 2
         m = np.zeros((32, 32), dtype=bool)
         m[answers[c]] = True
-        return m
+        return m, 0.9
 
     out = refine_slice(labels, decode, min_pixels=4)
     assert (out[8:16, 8:16] == 1).all()  # its own prompt-free class wins
     assert (out[8:16, 16:18] == 1).all()  # unlabelled before: the lower class id
     assert (out[8:16, 18:26] == 2).all()
+
+
+def test_pieces_scored_clearly_below_their_class_best_are_dropped():
+    yy, xx = np.mgrid[:64, :64]
+    ring = (np.hypot(yy - 40, xx - 40) > 6) & (np.hypot(yy - 40, xx - 40) < 12)
+    labels = np.where(ring, 1, 0).astype(np.int32)
+    labels[4:16, 4:16] = 1  # answered with score 0.90
+    labels[4:16, 44:58] = 1  # answered with score 0.85
+    labels[50:60, 2:12] = 2  # the only piece of class 2: kept whatever its score
+    scores = {4: 0.90, 44: 0.85, 2: 0.30}
+
+    def decode(box):
+        m = np.zeros((64, 64), dtype=bool)
+        y0, x0, y1, x1 = (int(v) for v in box)
+        m[y0 + 2 : y1 - 1, x0 + 2 : x1 - 1] = True  # the piece itself (mask_box adds 2 px)
+        return m, scores[x0 + 2]
+
+    keep_all = refine_slice(labels, decode, score_margin=None)
+    np.testing.assert_array_equal(keep_all, labels)
+    np.testing.assert_array_equal(refine_slice(labels, decode, score_margin=0.1), labels)
+    out = refine_slice(labels, decode, score_margin=0.02)
+    expected = labels.copy()
+    expected[4:16, 44:58] = 0  # 0.05 below the class's best answer
+    np.testing.assert_array_equal(out, expected)  # the ring (never prompted) and class 2 stay
+    # Within reach (0.5 × 64 = 32 px ≥ the 28-px gap) the weaker piece joins the kept one.
+    np.testing.assert_array_equal(refine_slice(labels, decode, score_margin=0.02, reach=0.5), labels)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +118,14 @@ def _expected(seg, image, raw, prompt_weights):
         seg.config["prompt_weights"] = prompt_weights
         session = seg.prompt(image)
         flat = raw.reshape(-1, *session.slice_shape)
+        margin = seg.config["refine_score_margin"]
+
+        def decode(box, z):
+            result = session.predict_result(Prompts.make(box=box), z)
+            return result.mask, result.score
+
         out = [
-            refine_slice(flat[z], lambda box, z=z: session.predict(box=box, slice_index=z))
+            refine_slice(flat[z], lambda box, z=z: decode(box, z), score_margin=margin)
             for z in range(len(flat))
         ]
     finally:

@@ -23,7 +23,8 @@ def test_each_option_is_a_config_key_with_the_same_default(name):
 def test_networks_offer_their_inference_options():
     assert {o.key for o in segmenter_class("s3-net").run_options()} >= {"mode", "restarts", "flatten"}
     assert {o.key for o in segmenter_class("efs-medseg").run_options()} == {"tta", "keep_largest"}
-    assert [o.key for o in segmenter_class("hf-sam").run_options()] == ["refine", "tta"]
+    hf_sam = [o.key for o in segmenter_class("hf-sam").run_options()]
+    assert hf_sam == ["refine", "refine_score_margin", "tta"]
 
 
 def test_apply_checks_types_ranges_and_keys_and_leaves_the_input_alone():

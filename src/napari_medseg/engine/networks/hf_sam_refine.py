@@ -23,7 +23,8 @@ from scipy import ndimage
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.prompt import Prompts, mask_box
 
-BoxDecoder = Callable[[tuple[float, float, float, float]], np.ndarray]
+# Box (y0, x0, y1, x1) → (bool (Y, X) mask, the model's predicted IoU of it in 0..1).
+BoxDecoder = Callable[[tuple[float, float, float, float]], tuple[np.ndarray, float]]
 
 
 def has_holes(piece: np.ndarray, tolerance: float = 0.1) -> bool:
@@ -31,16 +32,53 @@ def has_holes(piece: np.ndarray, tolerance: float = 0.1) -> bool:
     return bool(ndimage.binary_fill_holes(piece).sum() > (1.0 + tolerance) * piece.sum())
 
 
+def confident_union(answers: list[tuple[np.ndarray, float]], margin: float | None, reach: int) -> np.ndarray:
+    """Union of the answers scored within ``margin`` of the best, and of those next to them.
+
+    Args:
+        answers: (bool (Y, X) mask, score) per box-prompted piece of one class; not empty.
+        margin: Score margin below the best answer; ``None`` keeps every answer.
+        reach: An answer within this many pixels (city-block) of a kept one is kept too,
+            repeatedly, so a chain of fragments joins its confident piece.
+
+    Returns:
+        bool (Y, X) union of the kept answers.
+    """
+    best = max(score for _, score in answers)
+    kept = [margin is None or score >= best - margin for _, score in answers]
+    union = np.logical_or.reduce([m for (m, _), k in zip(answers, kept, strict=True) if k])
+    while not all(kept):
+        near = ndimage.binary_dilation(union, iterations=reach) if reach > 0 else union
+        joining = [i for i, (m, _) in enumerate(answers) if not kept[i] and (m & near).any()]
+        if not joining:
+            break
+        for i in joining:
+            kept[i] = True
+            union = union | answers[i][0]
+    return union
+
+
 def refine_slice(
-    labels: np.ndarray, decode_box: BoxDecoder, min_share: float = 0.2, min_pixels: int = 16
+    labels: np.ndarray,
+    decode_box: BoxDecoder,
+    min_share: float = 0.2,
+    min_pixels: int = 16,
+    score_margin: float | None = None,
+    reach: float = 0.02,
 ) -> np.ndarray:
     """Replace each class's pieces by the masks their bounding boxes prompt.
 
     Args:
         labels: (Y, X) integer class map of the prompt-free model.
-        decode_box: Box (y0, x0, y1, x1) → bool (Y, X) mask (a prompt session of the model).
+        decode_box: Box (y0, x0, y1, x1) → (bool (Y, X) mask, predicted IoU) (a prompt
+            session of the model).
         min_share: Pieces smaller than this share of the class's largest piece are dropped.
         min_pixels: Pieces smaller than this are dropped.
+        score_margin: Box-prompted pieces whose answer scores more than this below the best
+            answer of their class are dropped, unless their answer lies within ``reach`` of a
+            kept one (:func:`confident_union`); ``None`` keeps them all. Pieces with holes
+            are never prompted, so never dropped by it.
+        reach: That distance as a share of the slice's longest side.
 
     Returns:
         A new (Y, X) map of ``labels``' dtype. A pixel that two classes' refined masks claim
@@ -56,14 +94,18 @@ def refine_slice(
         sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
         floor = max(min_pixels, min_share * sizes.max())
         refined = np.zeros(labels.shape, dtype=bool)
+        answers: list[tuple[np.ndarray, float]] = []
         for i in np.flatnonzero(sizes >= floor) + 1:
             piece = comp == i
             box = mask_box(piece)
             if has_holes(piece) or box is None:
                 refined |= piece
                 continue
-            mask = np.asarray(decode_box(box), dtype=bool)
-            refined |= mask if mask.any() else piece  # an empty answer keeps the piece
+            mask, score = decode_box(box)
+            mask = np.asarray(mask, dtype=bool)
+            answers.append((mask if mask.any() else piece, float(score)))  # empty: keep the piece
+        if answers:
+            refined |= confident_union(answers, score_margin, round(reach * max(labels.shape)))
         out[refined & ~claimed] = c
         contested = refined & claimed & (labels == c)
         out[contested] = c
@@ -108,12 +150,16 @@ def iter_refine_labels(
     session = refine_view(seg).prompt(image, channel_axis)
     slices = labels.reshape((-1, *session.slice_shape))  # a view: refined in place
     share = float(seg.config["refine_min_share"])
+    margin = seg.config["refine_score_margin"]
+    margin = None if margin is None else float(margin)
+    reach = float(seg.config["refine_reach"])
     for z in range(len(slices)):
         if slices[z].any():
 
-            def decode(box: tuple[float, float, float, float], z: int = z) -> np.ndarray:
-                return session.predict_result(Prompts.make(box=box), z).mask
+            def decode(box: tuple[float, float, float, float], z: int = z) -> tuple[np.ndarray, float]:
+                result = session.predict_result(Prompts.make(box=box), z)
+                return result.mask, result.score
 
-            slices[z] = refine_slice(slices[z], decode, min_share=share)
+            slices[z] = refine_slice(slices[z], decode, share, score_margin=margin, reach=reach)
         yield Progress(z + 1, len(slices), f"refining slice {z + 1}/{len(slices)}")
     return labels
