@@ -269,6 +269,11 @@ def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(vie
     refine = w.options.editor("refine")
     assert refine is not None and not w.options.isHidden() and refine.isChecked()
     refine.setChecked(False)
+    doubt = w.options.editor("refine_score_margin")  # Drop pieces SAM doubts: on by default
+    assert doubt is not None and doubt.isChecked() and w.options.values()["refine_score_margin"] == 0.02
+    doubt.setChecked(False)
+    assert w.options.values()["refine_score_margin"] is None
+    doubt.setChecked(True)
     mirrors = w.options.editor("tta")  # Mirrored views: starts as trained, "off" reaches the run
     assert mirrors is not None and mirrors.currentText() == "auto (as trained)"
     assert seg.test_time_views() == 2  # the gray disc trained upright: slice + left-right mirror

@@ -221,10 +221,10 @@ class SliceData:
         """Mean foreground Dice of ``seg`` on the validation slices."""
         seg.module.eval()
         scores = []
+        net = seg.validation_logits  # one view for networks with test-time views (HF-SAM)
         with torch.inference_mode():
             for image, label in self.val:
                 x = torch.from_numpy(image)[None].to(seg.device)
-                net = seg.validation_logits
                 if max(image.shape[1:]) > seg.input_size:
                     from napari_medseg.engine.runner import drain, predict_slice_logits
 
