@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import disc_image
+from napari_medseg.engine.image import is_colour
 from napari_medseg.engine.train.augment import (
     apply_chain,
     crop_zoom,
@@ -13,7 +14,7 @@ from napari_medseg.engine.train.augment import (
     generic_transforms,
     sam_paper_transform,
 )
-from napari_medseg.engine.train.data import SliceData, is_colour
+from napari_medseg.engine.train.data import SliceData
 from napari_medseg.engine.train.options import TrainOptions
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_medseg.engine.networks.hf_sam_refine import has_holes, refine_slice
+from napari_medseg.engine.networks import hf_sam_refine
+from napari_medseg.engine.networks.hf_sam_refine import has_holes, refine_slice, resolve_score_margin
 from napari_medseg.engine.prompt import Prompts, mask_box
 from test_hf_sam import disc_image, finetune_disc, tiny
 
@@ -118,7 +119,7 @@ def _expected(seg, image, raw, prompt_weights):
         seg.config["prompt_weights"] = prompt_weights
         session = seg.prompt(image)
         flat = raw.reshape(-1, *session.slice_shape)
-        margin = seg.config["refine_score_margin"]
+        margin = resolve_score_margin(seg.config["refine_score_margin"], colour=False)  # gray disc
 
         def decode(box, z):
             result = session.predict_result(Prompts.make(box=box), z)
@@ -157,10 +158,38 @@ def test_segment_refines_every_slice_through_a_prompt_session(tuned_tiny, volume
     np.testing.assert_array_equal(via_base, _expected(seg, image, raw, "base"))
     assert not np.array_equal(refined, raw)  # the refinement really changed something
     assert not np.array_equal(refined, via_base)  # and the two decoders really differ
-    for key, bad in (("refine", "boxy"), ("refine_weights", "best")):
+    for key, bad in (("refine", "boxy"), ("refine_weights", "best"), ("refine_score_margin", "high")):
         seg.config[key] = bad
         try:
             with pytest.raises(ValueError, match=key):
                 seg.segment(image)
         finally:
             seg.config.update(before)
+
+
+def test_auto_score_margin_is_on_for_grayscale_and_off_for_colour():
+    assert resolve_score_margin("auto", colour=False) == 0.02
+    assert resolve_score_margin("auto", colour=True) is None
+    assert resolve_score_margin(0.05, colour=True) == 0.05  # a set margin holds for any image
+    assert resolve_score_margin(None, colour=False) is None
+    with pytest.raises(ValueError, match="refine_score_margin"):
+        resolve_score_margin("on", colour=False)
+
+
+def test_segment_resolves_the_margin_from_the_image_it_refines(tuned_tiny, monkeypatch):
+    seen: list = []
+    real = hf_sam_refine.refine_slice
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["score_margin"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_sam_refine, "refine_slice", spy)
+    img, _ = disc_image()
+    gray_rgb = np.repeat(img[..., None], 3, axis=-1)  # grayscale saved as RGB counts as gray
+    tinted = gray_rgb * np.array([1.0, 0.8, 0.6], dtype=gray_rgb.dtype)  # a colour image
+    assert tuned_tiny.config["refine_score_margin"] == "auto"
+    for image, channel_axis, margin in ((img, None, 0.02), (gray_rgb, -1, 0.02), (tinted, -1, None)):
+        seen.clear()
+        assert tuned_tiny.segment(image, channel_axis=channel_axis).any()
+        assert seen and set(seen) == {margin}

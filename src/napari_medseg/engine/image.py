@@ -40,6 +40,15 @@ class PreparedImage:
         return len(self.spatial_shape) == 3
 
 
+def is_colour(data: np.ndarray, rgb: bool) -> bool:
+    """Whether prepared (Z, C, Y, X) data carry colour: RGB whose channels are not all equal
+    (grayscale saved as RGB, e.g. many ultrasound PNGs, counts as grayscale).
+    """
+    if not rgb or data.shape[1] < 2:
+        return False
+    return bool(np.any(data[:, 1:] != data[:, :1]))
+
+
 def to_channel_last(image: np.ndarray, channel_axis: int | None) -> tuple[np.ndarray, bool]:
     """Validate an array and move its channel axis last.
 

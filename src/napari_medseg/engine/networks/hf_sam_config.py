@@ -51,14 +51,16 @@ RUN_OPTIONS = (
     RunOption(
         "refine_score_margin",
         "Drop pieces SAM doubts",
-        "bool",
-        0.02,
+        "choice",
+        "auto",
         "With refinement: a piece whose box answer SAM scores (its predicted IoU) more than "
         "0.02 below the best piece of its class is dropped, unless it lies next to a kept one. "
         "Removes false finds elsewhere in the image (BUSI, 5 painted images, four seeds: Dice "
-        "0.545 → 0.604 on 60 images) but also loses far-apart fragments of one large object "
-        "(Kvasir-SEG: 0.725 → 0.710). No extra cost",
-        values=(None, 0.02),
+        "0.545 → 0.604 on 60 images) but also loses far-apart fragments of one object "
+        "(Kvasir-SEG: 0.725 → 0.710). auto: on for grayscale images (ultrasound, CT, MRI), off "
+        "for colour ones (endoscopy, dermoscopy). No extra cost",
+        choices=("auto", 0.02, None),
+        choice_labels=("auto (grayscale images)", "on", "off"),
     ),
     RunOption(
         "tta",
@@ -103,8 +105,9 @@ def default_config() -> dict[str, Any]:
         "refine_min_share": 0.2,  # pieces below this share of their class's largest: dropped
         # Pieces whose box answer SAM scores (predicted IoU) more than this below the best of
         # their class are dropped (None keeps all), unless the answer lies within refine_reach
-        # (share of the slice's longest side) of a kept one. Measured in docs/models/hf-sam.md.
-        "refine_score_margin": 0.02,
+        # (share of the slice's longest side) of a kept one; "auto": 0.02 on grayscale images,
+        # None on colour ones (hf_sam_refine.resolve_score_margin; docs/models/hf-sam.md).
+        "refine_score_margin": "auto",
         "refine_reach": 0.02,
         # Weights that decode the refinement boxes: finetuned | prompts (= prompt_weights).
         # The fine-tuned decoder refined better on every set measured (docs), even where the

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from napari_medseg.engine.image import prepare_image
+from napari_medseg.engine.image import is_colour, prepare_image
 from napari_medseg.engine.metrics import mean_foreground_dice
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.runner import batched_fit_logits, fit_shape, resize
@@ -245,15 +245,6 @@ class SliceData:
             "orientation": self.orientation,
             "note": self.note,
         }
-
-
-def is_colour(data: np.ndarray, rgb: bool) -> bool:
-    """Whether prepared (Z, C, Y, X) data carry colour: RGB whose channels are not all equal
-    (grayscale saved as RGB, e.g. many ultrasound PNGs, counts as grayscale).
-    """
-    if not rgb or data.shape[1] < 2:
-        return False
-    return bool(np.any(data[:, 1:] != data[:, :1]))
 
 
 def _to_working(
