@@ -270,13 +270,13 @@ def test_hf_sam_refine_checkbox_reaches_the_run_and_spares_the_session_model(vie
     assert refine is not None and not w.options.isHidden() and refine.isChecked()
     refine.setChecked(False)
     doubt = w.options.editor("refine_score_margin")  # Drop pieces SAM doubts: auto by default
-    assert doubt is not None and doubt.currentText() == "auto (grayscale images)"
+    assert doubt is not None and doubt.currentText() == "auto (grayscale)"
     assert w.options.values()["refine_score_margin"] == "auto"
     doubt.setCurrentText("off")
     assert w.options.values()["refine_score_margin"] is None
     doubt.setCurrentText("on")
     assert w.options.values()["refine_score_margin"] == 0.02
-    doubt.setCurrentText("auto (grayscale images)")
+    doubt.setCurrentText("auto (grayscale)")
     mirrors = w.options.editor("tta")  # Mirrored views: starts as trained, "off" reaches the run
     assert mirrors is not None and mirrors.currentText() == "auto (as trained)"
     assert seg.test_time_views() == 2  # the gray disc trained upright: slice + left-right mirror

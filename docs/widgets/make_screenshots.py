@@ -7,7 +7,10 @@ if a user had painted them, fine-tunes STS-Net on them for a few steps in the Fi
 then segments an unpainted slice with the new session model in the Segment widget. Writes
 docs/images/widget-finetune.png and docs/images/widget-segment.png. ``--only s3`` instead runs
 S³-Net with the "consensus" recipe on the 2D sample and writes docs/images/widget-segment-s3.png
-(the recipe list, the run options and the cluster-keeping box).
+(the recipe list, the run options and the cluster-keeping box). ``--only hf-sam CHECKPOINT``
+segments an unpainted slice of the 3D sample with a fine-tuned HF-SAM checkpoint of that sample
+(e.g. one saved by the Fine-tune widget, or by ``benchmarks/bench_sample_finetune.py``) and
+writes docs/images/widget-segment-hf-sam.png (HF-SAM's prompt-free run options).
 """
 
 from __future__ import annotations
@@ -102,8 +105,33 @@ def s3_screenshot() -> None:
     viewer.close()
 
 
+def hf_sam_screenshot(checkpoint: str) -> None:
+    """A fine-tuned HF-SAM checkpoint of the 3D sample on one unpainted slice, default options."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    image, _, _ = open_painted_sample(viewer)
+    z = PAINTED[2] + 5
+    one = viewer.add_image(image.data[z], name=f"T1 slice {z}", scale=image.scale[1:])
+    for layer in viewer.layers:
+        layer.visible = layer is one
+    seg = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(seg, name="Segment (MedSeg)", area="right")
+    seg.select_network("hf-sam")
+    seg.checkpoint.setText(checkpoint)  # the form now shows the checkpoint's run options
+    viewer.layers.selection.active = one
+    seg.run()
+    wait(seg)
+    QApplication.processEvents()
+    viewer.screenshot(str(OUT / "widget-segment-hf-sam.png"), canvas_only=False)
+    print(seg.status.text())  # noqa: T201 (script output)
+    viewer.close()
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--only", "s3"]:
         s3_screenshot()
+    elif sys.argv[1:3] == ["--only", "hf-sam"] and len(sys.argv) == 4:
+        hf_sam_screenshot(sys.argv[3])
     else:
         main()

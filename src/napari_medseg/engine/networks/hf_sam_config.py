@@ -60,7 +60,7 @@ RUN_OPTIONS = (
         "(Kvasir-SEG: 0.725 → 0.710). auto: on for grayscale images (ultrasound, CT, MRI), off "
         "for colour ones (endoscopy, dermoscopy). No extra cost",
         choices=("auto", 0.02, None),
-        choice_labels=("auto (grayscale images)", "on", "off"),
+        choice_labels=("auto (grayscale)", "on", "off"),
     ),
     RunOption(
         "tta",
