@@ -58,13 +58,15 @@ def load(ds: str, stem: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float
 
 
 def split(
-    ds: str, quick: bool, n_atlases: int = 2, atlas_frames: bool = False
+    ds: str, quick: bool, n_atlases: int = 2, atlas_frames: bool = False, transductive: bool = False
 ) -> tuple[list[str], list[str], list[str]]:
     """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases).
 
     The test set does not depend on ``n_atlases`` (2 or 3): a third atlas is taken from the
     volumes that are otherwise unlabeled (ACDC: patient 028's ED frame, an HCM heart).
     ``atlas_frames`` (ACDC only) adds the atlas patients' other (ES) frames, unlabeled.
+    ``transductive`` adds the test volumes to the unlabeled ones (what a user does who adds the
+    volumes to segment as unlabeled layers; then the test is no longer unseen data).
     """
     rows = list(csv.DictReader(open(DATA / ds / "cases.csv")))
     stems = [r["stem"] for r in rows]
@@ -78,7 +80,8 @@ def split(
         test = [s for p in pats[4:] for s in by[p]]
     else:
         atlases, unlabeled, test = stems[:n_atlases], stems[n_atlases:6], stems[6:]
-    return atlases, unlabeled, test[:4] if quick else test
+    test = test[:4] if quick else test
+    return atlases, unlabeled + test if transductive else unlabeled, test
 
 
 def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +99,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         args.tta,
         args.augment,
     )
-    atl, unl, test = split(ds, quick, args.atlases, args.atlas_frames)
+    atl, unl, test = split(ds, quick, args.atlases, args.atlas_frames, args.transductive)
     a = [load(ds, s) for s in atl]
     u = [load(ds, s) for s in unl]
     torch.manual_seed(args.seed)
@@ -205,6 +208,9 @@ def main() -> None:
     ap.add_argument(
         "--atlas-frames", action="store_true", help="ACDC: also the atlas patients' ES frames, unlabeled"
     )
+    ap.add_argument(
+        "--transductive", action="store_true", help="the test volumes also join the unlabeled ones"
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     extra = parse_pairs(args.set)
@@ -234,6 +240,7 @@ def main() -> None:
             cmd += ["--augment", args.augment] if args.augment else []
             cmd += ["--atlases", str(args.atlases), "--seed", str(args.seed)]
             cmd += ["--atlas-frames"] if args.atlas_frames else []
+            cmd += ["--transductive"] if args.transductive else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
