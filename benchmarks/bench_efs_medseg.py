@@ -4,10 +4,11 @@
         [--variants full,no_switch,no_vae,no_contrast,no_spatial]
         [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
         [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS] [--train-set KEY=JSON_VALUE ...]
-        [--atlas-frames]
+        [--atlas-frames] [--transductive]
 
 For each dataset: two labeled volumes (atlases), four unlabeled volumes (six with
-``--atlas-frames`` on ACDC: the atlas patients' ES frames too), per-class Dice on the
+``--atlas-frames`` on ACDC: the atlas patients' ES frames too; the test volumes as well with
+``--transductive``, which then no longer scores unseen data), per-class Dice on the
 remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
 subprocess so its peak memory (ru_maxrss) and time are its own. Reads the research-only data
 from $MEDSEG_DATA (default ../shared/data) at run time; nothing is copied.
