@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import peak_rss_mb, save, table  # noqa: E402
+from _common import parse_pairs, peak_rss_mb, save, table  # noqa: E402
 from bench_hf_sam import cases, load_pair  # noqa: E402
 from bench_hf_sam_refine import split  # noqa: E402
 
@@ -73,11 +72,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     seg, train_s = fine_tuned(args.dataset, args.seed, args.steps, ckpt)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in seg.config:
-            sys.exit(f"unknown option {key!r}")
-        seg.config[key] = json.loads(value)
+    overrides = parse_pairs(args.set)
+    unknown = sorted(set(overrides) - set(seg.config))
+    if unknown:
+        sys.exit(f"unknown option(s) {unknown}")
+    seg.config.update(overrides)
     all_cases = cases(args.dataset)
     order = np.random.default_rng(0).permutation(len(all_cases))
     stems = [all_cases[i]["stem"] for i in [*order[:20], *order[25 : 25 + args.extra]]]
