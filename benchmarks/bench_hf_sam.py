@@ -44,6 +44,11 @@ def load_pair(ds: str, stem: str) -> tuple[np.ndarray, np.ndarray]:
     return img, mask
 
 
+def channel_axis(image: np.ndarray) -> int | None:
+    """Channel axis of a loaded image: last for (H, W, 3) colour, none for (H, W) grayscale."""
+    return -1 if image.ndim == 3 else None
+
+
 def cases(ds: str) -> list[dict[str, str]]:
     with open(DATA / ds / "cases.csv") as f:
         return list(csv.DictReader(f))

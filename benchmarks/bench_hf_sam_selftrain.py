@@ -27,26 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mb, save, table  # noqa: E402
-from bench_hf_sam import cases, load_pair  # noqa: E402
+from bench_hf_sam import cases, channel_axis, load_pair  # noqa: E402
 from bench_hf_sam_refine import split  # noqa: E402
-from bench_hf_sam_tta import fine_tuned  # noqa: E402
+from bench_hf_sam_tta import fine_tuned, prompt_free_scores  # noqa: E402
 
-from napari_medseg.engine.metrics import dice  # noqa: E402
+from napari_medseg.engine.image import is_colour  # noqa: E402
 from napari_medseg.engine.tta import views_for_orientation  # noqa: E402
-
-
-def channel_axis(image: np.ndarray) -> int | None:
-    """(H, W, 3) colour images carry their channels last; (H, W) grayscale has none."""
-    return -1 if image.ndim == 3 else None
-
-
-def scores(seg, ds: str, stems: list[str]) -> list[float]:
-    """Prompt-free Dice of the shipped output (refined, defaults) per image."""
-    out = []
-    for stem in stems:
-        image, mask = load_pair(ds, stem)
-        out.append(dice(seg.segment(image, channel_axis=channel_axis(image)) > 0, mask > 0))
-    return out
 
 
 def main() -> None:
@@ -74,10 +60,11 @@ def main() -> None:
     _, pool = split(ds, 5)
     if seg.config.get("tta_views") is None:
         # A checkpoint saved before mirrored views existed: give it the views training chose.
-        first = pool[0][0]
-        colour = first.ndim == 3 and bool(np.any(first[..., 1:] != first[..., :1]))
-        seg.config["tta_views"] = views_for_orientation("any" if colour else "upright")
-    before = scores(seg, ds, test)
+        prep = seg.prepare(pool[0][0], channel_axis(pool[0][0]))
+        seg.config["tta_views"] = views_for_orientation(
+            "any" if is_colour(prep.data, prep.rgb) else "upright"
+        )
+    before = prompt_free_scores(seg, ds, test)
     t0 = time.perf_counter()
     pseudo: list[tuple[np.ndarray, np.ndarray]] = []
     for stem in [] if args.no_pseudo else unlabeled:
@@ -100,7 +87,7 @@ def main() -> None:
     ):
         pass
     more_s = time.perf_counter() - t0
-    after = scores(seg, ds, test)
+    after = prompt_free_scores(seg, ds, test)
     row = {
         "dataset": ds,
         "seed": args.seed,

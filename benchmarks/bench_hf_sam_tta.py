@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parse_pairs, peak_rss_mb, save, table  # noqa: E402
-from bench_hf_sam import cases, load_pair  # noqa: E402
+from bench_hf_sam import cases, channel_axis, load_pair  # noqa: E402
 from bench_hf_sam_refine import split  # noqa: E402
 
 import napari_medseg as nms  # noqa: E402
@@ -46,7 +46,7 @@ def fine_tuned(ds: str, seed: int, steps: int, ckpt: Path | None) -> tuple[objec
         [p[0] for p in pool],
         [p[1].astype(np.int64) for p in pool],
         steps=steps,
-        channel_axis=-1 if pool[0][0].ndim == 3 else None,
+        channel_axis=channel_axis(pool[0][0]),
         seed=seed,
     ):
         pass
@@ -54,6 +54,15 @@ def fine_tuned(ds: str, seed: int, steps: int, ckpt: Path | None) -> tuple[objec
     if ckpt is not None:
         seg.save(ckpt)
     return seg, took
+
+
+def prompt_free_scores(seg, ds: str, stems: list[str]) -> list[float]:
+    """Prompt-free foreground Dice per image of ``seg``'s output with its current options."""
+    out = []
+    for stem in stems:
+        image, mask = load_pair(ds, stem)
+        out.append(dice(seg.segment(image, channel_axis=channel_axis(image)) > 0, mask > 0))
+    return out
 
 
 def main() -> None:
@@ -87,11 +96,7 @@ def main() -> None:
         for refine in ("boxes",) if args.skip_raw else ("off", "boxes"):
             seg.config["refine"] = refine
             t0 = time.perf_counter()
-            scores = []
-            for stem in stems:
-                image, mask = load_pair(args.dataset, stem)
-                labels = seg.segment(image, channel_axis=-1 if image.ndim == 3 else None)
-                scores.append(dice(labels > 0, mask > 0))
+            scores = prompt_free_scores(seg, args.dataset, stems)
             row |= {
                 f"Dice_{refine} (20)": statistics.mean(scores[:20]),
                 f"Dice_{refine} ({len(scores)})": statistics.mean(scores),
