@@ -65,18 +65,31 @@ def prompt_free_scores(seg, ds: str, stems: list[str]) -> list[float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(doc: str, extra: int) -> argparse.ArgumentParser:
+    """Options shared by the scripts that score one seed's k = 5 model on the split and beyond."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--dataset", default="busi")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--checkpoint", default="", help="load it if it exists, else train and save it here")
-    ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--extra", type=int, default=40, help="more test images beyond the split's 20")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="inference option")
-    ap.add_argument("--skip-raw", action="store_true", help="score only the refined output")
+    ap.add_argument("--extra", type=int, default=extra, help="more test images beyond the split's 20")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="")
+    return ap
+
+
+def test_stems(ds: str, extra: int) -> list[str]:
+    """The split's 20 test images, then ``extra`` more from shuffle position 25 on (past the pool)."""
+    all_cases = cases(ds)
+    order = np.random.default_rng(0).permutation(len(all_cases))
+    return [all_cases[i]["stem"] for i in [*order[:20], *order[25 : 25 + extra]]]
+
+
+def main() -> None:
+    ap = model_parser(__doc__, extra=40)
+    ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="inference option")
+    ap.add_argument("--skip-raw", action="store_true", help="score only the refined output")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
@@ -86,9 +99,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown option(s) {unknown}")
     seg.config.update(overrides)
-    all_cases = cases(args.dataset)
-    order = np.random.default_rng(0).permutation(len(all_cases))
-    stems = [all_cases[i]["stem"] for i in [*order[:20], *order[25 : 25 + args.extra]]]
+    stems = test_stems(args.dataset, args.extra)
     rows = []
     for n in args.views:
         seg.config["tta"] = n
