@@ -8,7 +8,8 @@ box answer (mask, SAM's IoU score) is recorded. From those answers it reports, p
 * ``shipped``: the default refined output (must equal ``bench_hf_sam_tta``'s figures);
 * ``best single answer``: an oracle that keeps only the answer with the highest true Dice, the
   ceiling of any rule that only chooses among the head's pieces; ``missed``: images where no
-  answer reaches Dice 0.1 (the head did not find the lesion), and the oracle on the others;
+  answer reaches Dice 0.1 (the head did not find the lesion), and the oracle on the others,
+  grouped by how the best answer's piece box compares with the lesion's box (area ratio);
 * prototype rules: foreground / background prototypes of the fine-tuned encoder's features on
   the five painted images (cosine, k-means: 3 foreground, 8 background centres), each answer's
   mean feature scored ``d`` = nearest foreground − nearest background similarity; ``top-1 by d``
@@ -40,7 +41,7 @@ from bench_hf_sam_tta import fine_tuned, model_parser, test_stems  # noqa: E402
 from napari_medseg.engine.image import is_colour  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
 from napari_medseg.engine.networks.hf_sam_refine import refine_slice, refine_view, resolve_score_margin  # noqa: E402
-from napari_medseg.engine.prompt import Prompts  # noqa: E402
+from napari_medseg.engine.prompt import Prompts, mask_box  # noqa: E402
 
 LAMBDAS = (0.5, 1.0)
 
@@ -123,10 +124,19 @@ def score_image(seg, view, image: np.ndarray, truth: np.ndarray, centres: tuple)
     got = {"shipped": dice(refined(0.0), truth)}
     for lam in LAMBDAS:
         got[f"score + {lam}·d"] = dice(refined(lam), truth)
-    per = [(dice(m, truth), d, m) for m, _, d in answers.values()]
-    got["best single answer"] = max((p[0] for p in per), default=0.0)
+    per = [(dice(m, truth), d, m, box) for box, (m, _, d) in answers.items()]
+    best = max(per, key=lambda p: p[0], default=None)
+    got["best single answer"] = best[0] if best else 0.0
     got["top-1 by d"] = dice(max(per, key=lambda p: p[1])[2], truth) if per else 0.0
+    # Box area of the best answer's piece over the lesion's (both + 2 px): < 1 = the head's
+    # piece is smaller than the lesion, and SAM then answers inside that smaller box.
+    got["box ratio"] = box_area(best[3]) / box_area(mask_box(truth)) if best and truth.any() else float("nan")
     return got
+
+
+def box_area(box: tuple[float, float, float, float]) -> float:
+    """Area of an inclusive (y0, x0, y1, x1) box in pixels."""
+    return (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
 
 
 def main() -> None:
@@ -144,12 +154,13 @@ def main() -> None:
 
     stems = test_stems(args.dataset, args.extra)
     scores: dict[str, list[float]] = {}
-    found: list[tuple[float, float]] = []  # (best single answer, shipped) where the lesion was found
+    found: list[tuple[float, float, float]] = []  # (best answer, shipped, box ratio) if the lesion was found
     for stem in stems:
         image, mask = load_pair(args.dataset, stem)
         got = score_image(seg, view, image, mask > 0, (fg_c, bg_c))
+        ratio = got.pop("box ratio")
         if got["best single answer"] >= 0.1:
-            found.append((got["best single answer"], got["shipped"]))
+            found.append((got["best single answer"], got["shipped"], ratio))
         for k, v in got.items():
             scores.setdefault(k, []).append(v)
 
@@ -164,11 +175,18 @@ def main() -> None:
         for k, v in scores.items()
     ]
     print(table(rows, ["rule", "Dice (20)", f"Dice ({n})"]))
-    summary = {
+    summary: dict = {
         "missed": n - len(found),
         "best single answer where found": statistics.mean(f[0] for f in found) if found else None,
         "shipped where found": statistics.mean(f[1] for f in found) if found else None,
     }
+    # Where the lesion was found: how the best piece's box compares with the lesion's.
+    for label, lo, hi in (("smaller", 0.0, 0.8), ("matching", 0.8, 1.25), ("larger", 1.25, np.inf)):
+        group = [f[0] for f in found if lo <= f[2] < hi]
+        summary[f"piece box {label} than the lesion's ({lo}-{hi}x area): images, best answer"] = [
+            len(group),
+            statistics.mean(group) if group else None,
+        ]
     print(summary)
     name = args.name or f"hf_sam_pieces_{args.dataset}_seed{args.seed}"
     meta = vars(args) | {"test_images": n, "peak_rss_mb": peak_rss_mb(), **summary}
