@@ -181,9 +181,9 @@ def main() -> None:
         "shipped where found": statistics.mean(f[1] for f in found) if found else None,
     }
     # Where the lesion was found: how the best piece's box compares with the lesion's.
-    for label, lo, hi in (("smaller", 0.0, 0.8), ("matching", 0.8, 1.25), ("larger", 1.25, np.inf)):
+    for label, lo, hi in (("smaller than", 0.0, 0.8), ("about", 0.8, 1.25), ("larger than", 1.25, np.inf)):
         group = [f[0] for f in found if lo <= f[2] < hi]
-        summary[f"piece box {label} than the lesion's ({lo}-{hi}x area): images, best answer"] = [
+        summary[f"piece box {label} the lesion's ({lo}-{hi}x area): images, best answer"] = [
             len(group),
             statistics.mean(group) if group else None,
         ]
