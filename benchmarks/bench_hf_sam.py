@@ -54,6 +54,13 @@ def cases(ds: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def shuffled_stems(ds: str) -> list[str]:
+    """The set's image stems in the fixed order of the few-shot split (seed 0): first the test
+    images, then the training pool; the HF-SAM few-shot scripts all slice this one order."""
+    all_cases = cases(ds)
+    return [all_cases[i]["stem"] for i in np.random.default_rng(0).permutation(len(all_cases))]
+
+
 # ----------------------------------------------------------------------------- 1. speed
 def timeit(fn, repeat: int, warmup: int = 1) -> dict[str, float]:
     """Median/min wall time and median CPU time (all threads) of ``fn``.
@@ -288,11 +295,9 @@ def fewshot(
     for ds in datasets:
         if not (DATA / ds).is_dir():
             continue
-        all_cases = cases(ds)
-        rng = np.random.default_rng(0)
-        order = rng.permutation(len(all_cases))
-        test = [load_pair(ds, all_cases[i]["stem"]) for i in order[:n_test]]
-        pool = [load_pair(ds, all_cases[i]["stem"]) for i in order[n_test : n_test + max(ks)]]
+        order = shuffled_stems(ds)
+        test = [load_pair(ds, stem) for stem in order[:n_test]]
+        pool = [load_pair(ds, stem) for stem in order[n_test : n_test + max(ks)]]
         base = nms.load_model("hf-sam", device="cpu")
         zero = statistics.mean(dice(base.prompt(im).predict(box=mask_box(m)), m) for im, m in test)
         for k in ks:

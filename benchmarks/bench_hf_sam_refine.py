@@ -33,7 +33,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mb, save, table  # noqa: E402
-from bench_hf_sam import cases, load_pair  # noqa: E402
+from bench_hf_sam import load_pair, shuffled_stems  # noqa: E402
 
 import napari_medseg as nms  # noqa: E402
 from napari_medseg.engine.api import load_model  # noqa: E402
@@ -46,10 +46,9 @@ TAUS = (0.0, 0.5, 0.6, 0.7, 0.8)
 
 def split(ds: str, k: int, n_test: int = 20) -> tuple[list, list]:
     """(test pairs, training pairs) as bench_hf_sam.py --fewshot draws them."""
-    all_cases = cases(ds)
-    order = np.random.default_rng(0).permutation(len(all_cases))
-    test = [load_pair(ds, all_cases[i]["stem"]) for i in order[:n_test]]
-    pool = [load_pair(ds, all_cases[i]["stem"]) for i in order[n_test : n_test + k]]
+    order = shuffled_stems(ds)
+    test = [load_pair(ds, stem) for stem in order[:n_test]]
+    pool = [load_pair(ds, stem) for stem in order[n_test : n_test + k]]
     return test, pool
 
 

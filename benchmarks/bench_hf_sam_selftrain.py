@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mb, save, table  # noqa: E402
-from bench_hf_sam import cases, channel_axis, load_pair  # noqa: E402
+from bench_hf_sam import channel_axis, load_pair, shuffled_stems  # noqa: E402
 from bench_hf_sam_refine import split  # noqa: E402
 from bench_hf_sam_tta import fine_tuned, prompt_free_scores  # noqa: E402
 
@@ -51,10 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = args.dataset
-    all_cases = cases(ds)
-    order = np.random.default_rng(0).permutation(len(all_cases))
-    unlabeled = [all_cases[i]["stem"] for i in order[25 : 25 + args.unlabeled]]
-    test = [all_cases[i]["stem"] for i in [*order[:20], *order[25 + args.unlabeled :]]]
+    order = shuffled_stems(ds)
+    unlabeled = order[25 : 25 + args.unlabeled]
+    test = [*order[:20], *order[25 + args.unlabeled :]]
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     seg, train_s = fine_tuned(ds, args.seed, 100, ckpt)
     _, pool = split(ds, 5)

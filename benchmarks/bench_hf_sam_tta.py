@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parse_pairs, peak_rss_mb, save, table  # noqa: E402
-from bench_hf_sam import cases, channel_axis, load_pair  # noqa: E402
+from bench_hf_sam import channel_axis, load_pair, shuffled_stems  # noqa: E402
 from bench_hf_sam_refine import split  # noqa: E402
 
 import napari_medseg as nms  # noqa: E402
@@ -80,9 +80,8 @@ def model_parser(doc: str, extra: int) -> argparse.ArgumentParser:
 
 def test_stems(ds: str, extra: int) -> list[str]:
     """The split's 20 test images, then ``extra`` more from shuffle position 25 on (past the pool)."""
-    all_cases = cases(ds)
-    order = np.random.default_rng(0).permutation(len(all_cases))
-    return [all_cases[i]["stem"] for i in [*order[:20], *order[25 : 25 + extra]]]
+    order = shuffled_stems(ds)
+    return [*order[:20], *order[25 : 25 + extra]]
 
 
 def main() -> None:
