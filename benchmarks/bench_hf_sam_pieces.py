@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import peak_rss_mb, save, table  # noqa: E402
 from bench_hf_sam import channel_axis, load_pair  # noqa: E402
 from bench_hf_sam_refine import split  # noqa: E402
-from bench_hf_sam_tta import fine_tuned, model_parser, test_stems  # noqa: E402
+from bench_hf_sam_tta import model_from_args, model_parser, test_stems  # noqa: E402
 
 from napari_medseg.engine.image import is_colour  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
@@ -144,8 +144,7 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=0, help="tta views (0: the model's 'auto')")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    seg, _ = fine_tuned(args.dataset, args.seed, args.steps, ckpt)
+    seg, _ = model_from_args(args)
     if args.views:
         seg.config["tta"] = args.views
     view = refine_view(seg)

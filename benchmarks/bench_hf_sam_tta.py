@@ -8,6 +8,9 @@ images and on ``--extra`` more images of the set (shuffle positions 25 onwards),
 the noise of a 20-image mean (``--extra 85`` takes every other image of a 110-image set).
 ``--set KEY=JSON`` overrides an inference option first (e.g. ``refine_score_margin=null``:
 the refinement before its score filter); ``--skip-raw`` scores only the refined output.
+``--model-option KEY=JSON`` / ``--train-option KEY=JSON`` train a variant of the defaults
+instead (a ``load_model`` option such as ``lora_rank=0``, a ``finetune`` option such as
+``lr=5e-4``); a checkpoint that already exists is loaded as it is.
 Usage::
 
     OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_hf_sam_tta.py --dataset busi --seed 0 \\
@@ -35,12 +38,23 @@ from napari_medseg.engine.api import load_model  # noqa: E402
 from napari_medseg.engine.metrics import dice  # noqa: E402
 
 
-def fine_tuned(ds: str, seed: int, steps: int, ckpt: Path | None) -> tuple[object, float | None]:
-    """The k = 5 model of ``seed``: loaded from ``ckpt`` if it exists, else trained (and saved)."""
+def fine_tuned(
+    ds: str,
+    seed: int,
+    steps: int,
+    ckpt: Path | None,
+    model_options: dict | None = None,
+    train_options: dict | None = None,
+) -> tuple[object, float | None]:
+    """The k = 5 model of ``seed``: loaded from ``ckpt`` if it exists, else trained (and saved).
+
+    ``model_options`` go to ``load_model`` and ``train_options`` to ``finetune`` (variants of
+    the defaults, e.g. ``lora_rank=0``); both are ignored when the checkpoint is loaded.
+    """
     if ckpt is not None and ckpt.is_file():
         return load_model(str(ckpt), device="cpu"), None
     _, pool = split(ds, 5)
-    seg = nms.load_model("hf-sam", device="cpu")
+    seg = nms.load_model("hf-sam", device="cpu", **(model_options or {}))
     t0 = time.perf_counter()
     for _ in seg.finetune(
         [p[0] for p in pool],
@@ -48,6 +62,7 @@ def fine_tuned(ds: str, seed: int, steps: int, ckpt: Path | None) -> tuple[objec
         steps=steps,
         channel_axis=channel_axis(pool[0][0]),
         seed=seed,
+        **(train_options or {}),
     ):
         pass
     took = time.perf_counter() - t0
@@ -75,7 +90,33 @@ def model_parser(doc: str, extra: int) -> argparse.ArgumentParser:
     ap.add_argument("--extra", type=int, default=extra, help="more test images beyond the split's 20")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="")
+    ap.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="load_model option when training",
+    )
+    ap.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="finetune() option when training",
+    )
     return ap
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[object, float | None]:
+    """``fine_tuned`` with the parser's dataset, seed, steps, checkpoint and options."""
+    return fine_tuned(
+        args.dataset,
+        args.seed,
+        args.steps,
+        Path(args.checkpoint) if args.checkpoint else None,
+        parse_pairs(args.model_option),
+        parse_pairs(args.train_option),
+    )
 
 
 def test_stems(ds: str, extra: int) -> list[str]:
@@ -91,8 +132,7 @@ def main() -> None:
     ap.add_argument("--skip-raw", action="store_true", help="score only the refined output")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    seg, train_s = fine_tuned(args.dataset, args.seed, args.steps, ckpt)
+    seg, train_s = model_from_args(args)
     overrides = parse_pairs(args.set)
     unknown = sorted(set(overrides) - set(seg.config))
     if unknown:
