@@ -1,20 +1,20 @@
-"""Two gloo processes on the CPU train the same model and end with identical weights."""
+"""Two gloo processes on the CPU train the same model and end with identical weights.
+
+The rendezvous store is hosted by the test process, as torchrun's agent hosts it
+(``TORCHELASTIC_USE_AGENT_STORE``): the workers are only its clients, so rank 0 finishing
+first cannot pull the store from under rank 1 while it leaves the process group.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -25,6 +25,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
     torch.set_num_threads(1)
     import numpy as np
@@ -37,13 +38,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     for _ in seg.finetune(np.stack(images), np.stack(labels), steps=4, seed=rank * 0 + 5, val_fraction=0.25):
         pass
     torch.save({k: v.clone() for k, v in seg.checkpoint_tensors().items()}, f"{out}/rank{rank}.pt")
-    import torch.distributed as dist
+    from napari_medseg.engine.train.distributed import shutdown
 
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_two_gloo_ranks_end_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # Port 0: the OS picks a free port while the store binds it (no race with other tests).
+    store = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60)
+    )
+    mp.spawn(_worker, args=(2, store.port, str(tmp_path)), nprocs=2, join=True)
+    del store
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()

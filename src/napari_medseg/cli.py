@@ -175,6 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from napari_medseg.engine.api import load_model
     from napari_medseg.engine.io import read_image
+    from napari_medseg.engine.train.distributed import shutdown
 
     rank = int(os.environ.get("RANK", "0"))
     pairs = _pairs(args.images, args.labels)
@@ -238,6 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seg.save(args.output)
         best = f"{last.best:.3f}" if last is not None else "n/a"
         sys.stdout.write(f"saved {args.output} (best validation Dice {best})\n")
+    shutdown()  # under torchrun: every rank leaves the process group together
     return 0
 
 

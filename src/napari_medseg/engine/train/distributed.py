@@ -76,3 +76,16 @@ class DistContext:
         """Wait for every process."""
         if self.world > 1:
             dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group together: wait for every rank, then destroy it.
+
+    Without the barrier, rank 0 (which hosts the rendezvous store) can tear down while another
+    rank is still inside ``destroy_process_group``; gloo's threads in that rank then lose their
+    peer and the process aborts ("terminate called without an active exception"). A no-op when
+    no group was started.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
