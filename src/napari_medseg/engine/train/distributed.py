@@ -81,10 +81,11 @@ class DistContext:
 def shutdown() -> None:
     """Leave the process group together: wait for every rank, then destroy it.
 
-    Without the barrier, rank 0 (which hosts the rendezvous store) can tear down while another
-    rank is still inside ``destroy_process_group``; gloo's threads in that rank then lose their
-    peer and the process aborts ("terminate called without an active exception"). A no-op when
-    no group was started.
+    Without the barrier one rank can tear down while another is still inside
+    ``destroy_process_group``; when the first one hosts the rendezvous store (rank 0 of a plain
+    ``env://`` start; under torchrun the agent hosts it), gloo's threads in the other lose their
+    peer and that process aborts ("terminate called without an active exception"). A no-op
+    when no group was started.
     """
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
