@@ -385,3 +385,63 @@ def test_contraction_option_reaches_the_sampler_and_is_off_by_default() -> None:
     assert off.shape == on.shape and not torch.equal(off, on)  # contracted patches differ
     # The inner structure (class 2) loses voxels to the outer one, never the reverse.
     assert (on == 2).sum() < (off == 2).sum()
+
+
+def test_deep_supervision_heads_losses_and_round_trip(tmp_path) -> None:
+    """Auxiliary heads give coarser logits, add a finite loss per level and survive save/load."""
+    net = EfsMedSegNet(1, 3, widths=[4, 8, 16], pools=[(1, 2, 2), (2, 2, 2)], deep_supervision=1)
+    out = net.forward_train(torch.rand(1, 1, 8, 24, 24))
+    assert out["aux_logits_1"].shape == (1, 3, 8, 12, 12) and "aux_logits_2" not in out
+    with pytest.raises(ValueError, match="deep_supervision"):
+        EfsMedSegNet(1, 3, widths=[4, 8, 16], deep_supervision=2)  # only one coarser decoder level
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", **TINY, deep_supervision=1)
+    atlas, lab = phantom(0)
+    records = list(seg.finetune([atlas], [lab], steps=2, spacing=(2.0, 1.0, 1.0)))
+    assert np.isfinite(records[-1].terms["aux1"]) and records[-1].terms["aux1"] > 0
+    path = seg.save(tmp_path / "ds.safetensors")
+    loaded = nms.load_model(path, device="cpu")
+    assert len(loaded.module.aux_heads) == 1
+    np.testing.assert_array_equal(
+        loaded.segment(atlas, spacing=(2.0, 1.0, 1.0)), seg.segment(atlas, spacing=(2.0, 1.0, 1.0))
+    )
+
+
+def test_anisotropic_kernels_follow_the_spacing_and_round_trip(tmp_path) -> None:
+    """nnU-Net's kernel rule: 1-wide along thick slices until pooling has caught up."""
+    from napari_medseg.engine.train.volume_geometry import conv_kernels
+
+    assert conv_kernels((10.0, 2.33, 2.33), [(1, 2, 2), (1, 2, 2), (2, 2, 2)]) == [
+        (1, 3, 3),
+        (1, 3, 3),
+        (3, 3, 3),
+        (3, 3, 3),
+    ]
+    assert conv_kernels((1.4, 1.4, 1.4), [(2, 2, 2)]) == [(3, 3, 3)] * 2
+    torch.manual_seed(0)
+    seg = nms.load_model("efs-medseg", **TINY, anisotropic_kernels=True)
+    atlas, lab = phantom(0)
+    for _ in seg.finetune([atlas], [lab], steps=1, spacing=(5.0, 1.0, 1.0)):
+        pass
+    kernels = seg.config["kernels"]
+    assert kernels[0] == [1, 3, 3] and seg.module.enc[0].body[0].kernel_size == (1, 3, 3)
+    assert seg.module.dec[0].body[0].kernel_size == (1, 3, 3)
+    loaded = nms.load_model(seg.save(tmp_path / "k.safetensors"), device="cpu")
+    assert loaded.config["kernels"] == kernels
+    np.testing.assert_array_equal(
+        loaded.segment(atlas, spacing=(5.0, 1.0, 1.0)), seg.segment(atlas, spacing=(5.0, 1.0, 1.0))
+    )
+    old = nms.load_model("efs-medseg", **TINY, anisotropic_kernels=False)  # a model saved before the rule
+    for _ in old.finetune([atlas], [lab], steps=1, spacing=(5.0, 1.0, 1.0)):
+        pass
+    assert old.config["kernels"] is None
+    old.config["anisotropic_kernels"] = True  # what loading it now gives
+    weights = {k: v.clone() for k, v in old.module.state_dict().items()}
+    for _ in old.finetune([atlas], [lab], steps=1, lr=1e-9, spacing=(5.0, 1.0, 1.0)):
+        pass
+    assert old.config["kernels"] is None  # trained further: its 3×3×3 layout and weights are kept
+    assert all(torch.allclose(v, weights[k], atol=1e-4) for k, v in old.module.state_dict().items())
+    iso = nms.load_model("efs-medseg", **TINY, anisotropic_kernels=True)
+    for _ in iso.finetune([atlas], [lab], steps=1, spacing=(1.0, 1.0, 1.0)):
+        pass
+    assert iso.config["kernels"] is None  # near-isotropic data keeps the plain 3×3×3 network

@@ -182,6 +182,26 @@ def test_lora_parameter_count_and_identity():
         torch.testing.assert_close(m.encode(x)[0], before, atol=1e-5, rtol=0)
 
 
+def test_lora_on_mlp_targets_both_linears_of_every_block():
+    from napari_medseg.models.hf_sam.lora import add_lora, target_pattern
+
+    with pytest.raises(ValueError, match="LoRA targets"):
+        target_pattern(["fc1"])
+    seg = tiny("sam_vit_b")
+    m = seg.module
+    x = m.preprocess(torch.rand(1, 3, 64, 64))
+    with torch.inference_mode():
+        before = m.encode(x)[0]
+    added = add_lora(m.image_encoder, rank=5, targets=["q", "v", "mlp"])
+    # 4 blocks x [(q, v): 2 x (5x32 + 32x5); lin1 32->128 and lin2 128->32: 2 x (5x32 + 128x5)]
+    assert added == 4 * (2 * (5 * 32 + 32 * 5) + 2 * (5 * 32 + 128 * 5))
+    trained = [n for n, p in m.image_encoder.named_parameters() if p.requires_grad]
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained}
+    assert adapted == {"q", "v", "lin1", "lin2"}
+    with torch.inference_mode():
+        torch.testing.assert_close(m.encode(x)[0], before, atol=1e-5, rtol=0)
+
+
 def test_lora_on_tinyvit_keeps_head_layout():
     seg = tiny("litemedsam")
     from napari_medseg.models.hf_sam.lora import add_lora

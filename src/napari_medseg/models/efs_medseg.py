@@ -29,14 +29,16 @@ class ResUnit3d(nn.Module):
         cin: Input channels.
         cout: Output channels.
         convs: Number of convolutions (1 or 2).
+        kernel: Convolution kernel (z, y, x), odd sizes; e.g. (1, 3, 3) on thick slices.
     """
 
-    def __init__(self, cin: int, cout: int, convs: int = 2) -> None:
+    def __init__(self, cin: int, cout: int, convs: int = 2, kernel: Sequence[int] = (3, 3, 3)) -> None:
         super().__init__()
+        k = tuple(int(v) for v in kernel)
         layers: list[nn.Module] = []
         for i in range(convs):
             layers += [
-                nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1, bias=False),
+                nn.Conv3d(cin if i == 0 else cout, cout, k, padding=tuple(v // 2 for v in k), bias=False),
                 nn.InstanceNorm3d(cout, affine=True),
             ]
             if i < convs - 1:
@@ -123,6 +125,11 @@ class EfsMedSegNet(nn.Module):
         contrast: Build the projection head.
         proj_dim: Projection dimension.
         contrast_level: Decoder level whose features are projected (0 = full resolution).
+        kernels: Convolution kernel (z, y, x) of each encoder level, finest first, also used by
+            the decoder unit of the same level (``len(widths)`` entries; None: 3×3×3 everywhere).
+        deep_supervision: Number of coarser decoder levels (1, 2, …) that get their own 1×1×1
+            class head for auxiliary losses in training (nnU-Net's deep supervision; not in the
+            abstract). Inference uses the full-resolution head only.
     """
 
     def __init__(
@@ -136,6 +143,8 @@ class EfsMedSegNet(nn.Module):
         contrast: bool = True,
         proj_dim: int = 32,
         contrast_level: int = 1,
+        kernels: Sequence[Sequence[int]] | None = None,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
@@ -150,14 +159,22 @@ class EfsMedSegNet(nn.Module):
                 f"{len(widths)} widths need {len(widths) - 1} pooling factors, got {len(self.pools)}"
             )
         self.widths = widths
-        self.enc = nn.ModuleList(
-            [ResUnit3d(in_channels if i == 0 else widths[i - 1], w) for i, w in enumerate(widths)]
-        )
+        ks = [tuple(int(v) for v in k) for k in kernels] if kernels else [(3, 3, 3)] * len(widths)
+        if len(ks) != len(widths):
+            raise ValueError(f"{len(widths)} widths need {len(widths)} kernels, got {len(ks)}")
+        ins = [in_channels, *widths[:-1]]
+        self.enc = nn.ModuleList([ResUnit3d(ins[i], w, kernel=ks[i]) for i, w in enumerate(widths)])
         self.ups = nn.ModuleList(
             [nn.ConvTranspose3d(widths[i + 1], widths[i], p, stride=p) for i, p in enumerate(self.pools)]
         )
-        self.dec = nn.ModuleList([ResUnit3d(2 * widths[i], widths[i]) for i in range(len(self.pools))])
+        self.dec = nn.ModuleList(
+            [ResUnit3d(2 * widths[i], widths[i], kernel=ks[i]) for i in range(len(self.pools))]
+        )
         self.head = nn.Conv3d(widths[0], num_classes, 1)
+        ds = int(deep_supervision)
+        if not 0 <= ds < len(widths) - 1:
+            raise ValueError(f"deep_supervision must be 0–{len(widths) - 2} for these widths, got {ds}")
+        self.aux_heads = nn.ModuleList([nn.Conv3d(widths[i], num_classes, 1) for i in range(1, ds + 1)])
         self.vae: VAEBranch | None = None
         if vae:
             dec_widths = [max(4, w // 2) for w in reversed(widths[:-1])]
@@ -215,10 +232,14 @@ class EfsMedSegNet(nn.Module):
 
         Returns:
             ``logits`` (B, K, *S); with the VAE: ``recon`` (B, C, *S), ``mu``, ``logvar``;
-            with the head: ``embed`` (B, proj_dim, *S / 2**contrast_level) unit vectors.
+            with the head: ``embed`` (B, proj_dim, *S / 2**contrast_level) unit vectors; with
+            deep supervision: ``aux_logits_1``, ``aux_logits_2``, … (B, K, *S_level) at the
+            resolution of decoder levels 1, 2, ….
         """
         bottleneck, feats = self.features(x)
         out = {"logits": self.head(feats[0])}
+        for i, head in enumerate(self.aux_heads, start=1):
+            out[f"aux_logits_{i}"] = head(feats[i])
         if self.vae is not None:
             out["recon"], out["mu"], out["logvar"] = self.vae(bottleneck, sample)
         if self.proj is not None:

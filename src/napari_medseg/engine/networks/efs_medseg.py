@@ -25,6 +25,7 @@ from napari_medseg.engine.run_options import RunOption
 from napari_medseg.engine.runner import drain, resize, sliding_window
 from napari_medseg.engine.segmenter import Segmenter
 from napari_medseg.engine.train.losses import segmentation_loss
+from napari_medseg.engine.train.volume_geometry import conv_kernels
 from napari_medseg.engine.tta import resolve_views
 from napari_medseg.models.efs_medseg import EfsMedSegNet, default_pools
 from napari_medseg.models.efs_medseg_losses import (
@@ -137,6 +138,14 @@ class EfsMedSeg(Segmenter):
             # Cross-entropy on unlabeled patches against the other view's confident prediction
             # (not in the abstract; 0 = off).
             "pseudo_weight": 0.0,
+            # Auxiliary Dice+CE at this many coarser decoder levels, weights 1/2 per level
+            # (nnU-Net's deep supervision, not in the abstract); 0 = off.
+            "deep_supervision": 0,
+            # Plan 1-wide kernels along axes much coarser than the finest (nnU-Net's rule,
+            # engine/train/volume_geometry.py conv_kernels); False: 3×3×3 everywhere. Held-out
+            # ACDC, seeds 0-2: 0.631 / 0.644 / 0.623 vs 0.600 / 0.558 / 0.555, 25 % faster steps.
+            "anisotropic_kernels": True,
+            "kernels": None,  # per-level kernels decided by training (None: 3×3×3)
         }
 
     # Inference options of the Segment widget (figures: docs/models/efs-medseg.md).
@@ -192,6 +201,8 @@ class EfsMedSeg(Segmenter):
             contrast=bool(self.config["use_contrast"]),
             proj_dim=int(self.config["proj_dim"]),
             contrast_level=int(self.config["contrast_level"]),
+            kernels=self.config.get("kernels"),
+            deep_supervision=int(self.config.get("deep_supervision", 0)),
         )
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +332,7 @@ class EfsMedSeg(Segmenter):
     def train_defaults(self) -> dict[str, Any]:
         gpu = self.config.get("widths") == SCALES["gpu"]["widths"]
         return {
-            "steps": 4000 if gpu else 1500,  # cpu: ~20 min on one core (docs/models/efs-medseg.md)
+            "steps": 4000 if gpu else 1500,  # cpu: 13-18 min on one core (docs/models/efs-medseg.md)
             "lr": 2e-3,
             "schedule": "cosine",
             "warmup": 20,
@@ -345,12 +356,24 @@ class EfsMedSeg(Segmenter):
         self.preset = data.preset
         plan = data.plan
         pools = [list(p) for p in plan.pools]
-        rebuild = data.num_classes != self.num_classes or pools != [list(p) for p in self.module.pools]
+        kernels = None
+        if self.trained and pools == [list(p) for p in self.module.pools]:
+            kernels = self.config.get("kernels")  # further training keeps a trained network's layout
+        elif self.config.get("anisotropic_kernels"):
+            kernels = [list(k) for k in conv_kernels(plan.target_spacing, plan.pools)]
+            if all(k == [3, 3, 3] for k in kernels):
+                kernels = None  # near-isotropic: the plain network
+        rebuild = (
+            data.num_classes != self.num_classes
+            or pools != [list(p) for p in self.module.pools]
+            or kernels != self.config.get("kernels")
+        )
         self.class_names = list(data.class_names)
         self.config.update(
             target_spacing=list(plan.target_spacing),
             patch_size=list(plan.patch),
             pools=pools,
+            kernels=kernels,
             single_piece_classes=single_piece_classes([lab for _, lab in data.atlases], data.num_classes),
             tta_turns=4 if data.spatial.covers_quarter_turns(plan.target_spacing) else 1,
         )
@@ -373,6 +396,8 @@ class EfsMedSeg(Segmenter):
         out = module.forward_train(x1)
         logits = out["logits"]
         loss, terms = segmentation_loss(logits[:b], y, "dice_ce")
+        if "aux_logits_1" in out:
+            loss = self._deep_supervision(out, y, loss, terms)
         probs = logits.detach().float().softmax(1)
         conf, pred = probs.max(1)
         # Atlas voxels are weighted by their true class, unlabeled ones by their predicted class.
@@ -424,6 +449,28 @@ class EfsMedSeg(Segmenter):
             terms.update(recon=float(rec.detach()), kl=float(kl.detach()))
         terms.update({f"dice_{self.class_names[c]}": float(class_dice[c]) for c in range(1, len(class_dice))})
         return loss, terms
+
+    @staticmethod
+    def _deep_supervision(
+        out: dict[str, torch.Tensor], y: torch.Tensor, loss: torch.Tensor, terms: dict[str, float]
+    ) -> torch.Tensor:
+        """nnU-Net-style weighted mean of the full-resolution and auxiliary Dice+CE terms.
+
+        Level i weighs 2**-i; labels (B, Z, Y, X) are taken down to each level's grid by
+        nearest neighbour. The weights are normalised, so the supervised term keeps its scale
+        against the reconstruction and contrast terms.
+        """
+        b = y.shape[0]
+        total, weight, i = loss, 1.0, 1
+        while f"aux_logits_{i}" in out:
+            aux = out[f"aux_logits_{i}"][:b]
+            y_i = F.interpolate(y[:, None].float(), size=aux.shape[2:], mode="nearest-exact")[:, 0].long()
+            term, _ = segmentation_loss(aux, y_i, "dice_ce")
+            total = total + 0.5**i * term
+            weight += 0.5**i
+            terms[f"aux{i}"] = float(term.detach())
+            i += 1
+        return total / weight
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,9 @@ With peft's defaults (A Kaiming-uniform, B zeros) and ``lora_alpha = r`` (scalin
 the papers' adapter, and the encoder's output is unchanged until B moves.
 
 Target names: ``q``, ``k``, ``v`` (parts of ``qkv``), ``qkv`` (the fused projection, as
-``LoraConfig(target_modules=["qkv"])`` would do) and ``proj`` (the attention output).
+``LoraConfig(target_modules=["qkv"])`` would do), ``proj`` (the attention output) and ``mlp``
+(both linears of each block's MLP: TinyViT's ``fc1``/``fc2``, SAM ViT's ``lin1``/``lin2``; not
+in the papers, which adapt attention only).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from napari_medseg.models.hf_sam.backbones import TinyViTEncoder, WindowAttention
 
 ADAPTER = "default"
-LORA_TARGETS = ("q", "k", "v", "qkv", "proj")
+LORA_TARGETS = ("q", "k", "v", "qkv", "proj", "mlp")
 
 
 class SplitQKV(nn.Module):
@@ -94,10 +96,11 @@ def target_pattern(targets: Sequence[str]) -> str:
     bad = sorted(set(targets) - set(LORA_TARGETS))
     if bad or not targets:
         raise ValueError(f"LoRA targets must be among {LORA_TARGETS}, got {list(targets)}")
-    names = []
-    for t in targets:
-        names.append(rf"qkv\.{t}" if t in ("q", "k", "v") else t)
-    return rf".*\.attn\.({'|'.join(names)})"
+    names = [rf"qkv\.{t}" if t in ("q", "k", "v") else t for t in targets if t != "mlp"]
+    parts = [rf".*\.attn\.({'|'.join(names)})"] if names else []
+    if "mlp" in targets:
+        parts.append(r".*\.mlp\.(fc1|fc2|lin1|lin2)")
+    return "|".join(f"(?:{p})" for p in parts) if len(parts) > 1 else parts[0]
 
 
 def add_lora(encoder: nn.Module, rank: int, targets: Sequence[str] = ("q", "v"), alpha: float = 0.0) -> int:
