@@ -30,6 +30,11 @@ class Plan:
     pools: list[tuple[int, int, int]]
 
 
+def near_finest(spacing: np.ndarray) -> list[bool]:
+    """Per axis: is the spacing at most twice the finest (nnU-Net's rule for pooling and kernels)."""
+    return [bool(v <= 2 * spacing.min() + 1e-6) for v in spacing]
+
+
 def plan_geometry(
     shapes: Sequence[Sequence[int]],
     spacings: Sequence[Spacing],
@@ -73,7 +78,8 @@ def plan_geometry(
     pools: list[tuple[int, int, int]] = []
     cur, edge = t.copy(), patch.astype(float)
     for _ in range(levels):
-        p = tuple(2 if (cur[a] <= 2 * cur.min() + 1e-6 and edge[a] >= 8) else 1 for a in range(3))
+        fine = near_finest(cur)
+        p = tuple(2 if (fine[a] and edge[a] >= 8) else 1 for a in range(3))
         pools.append(p)  # type: ignore[arg-type]
         cur, edge = cur * p, edge / p
     div = [math.prod(p[a] for p in pools) for a in range(3)]
@@ -98,7 +104,7 @@ def conv_kernels(spacing: Sequence[float], pools: Sequence[Sequence[int]]) -> li
     cur = np.asarray(spacing, float)
     kernels: list[tuple[int, int, int]] = []
     for p in [*pools, (1, 1, 1)]:
-        kernels.append(tuple(3 if cur[a] <= 2 * cur.min() + 1e-6 else 1 for a in range(3)))  # type: ignore[arg-type]
+        kernels.append(tuple(3 if f else 1 for f in near_finest(cur)))  # type: ignore[arg-type]
         cur = cur * np.asarray(p, float)
     return kernels
 
