@@ -445,3 +445,24 @@ def test_anisotropic_kernels_follow_the_spacing_and_round_trip(tmp_path) -> None
     for _ in iso.finetune([atlas], [lab], steps=1, spacing=(1.0, 1.0, 1.0)):
         pass
     assert iso.config["kernels"] is None  # near-isotropic data keeps the plain 3×3×3 network
+
+
+def test_patch_fg_prob_reaches_the_sampler_and_centres_patches_on_labels() -> None:
+    from napari_medseg.engine.train.options import TrainOptions
+    from napari_medseg.engine.train.volume_data import VolumeData
+
+    assert segmenter_class("efs-medseg").default_config()["patch_fg_prob"] == 0.5
+    (i1, l1), (i2, l2) = phantom(0), phantom(1)
+    label = np.zeros((12, 96, 96), np.uint8)
+    label[6, 80, 80] = 1  # one labeled voxel in a corner of a large volume
+    covered = {}
+    for prob in (0.0, 1.0):
+        seg = nms.load_model("efs-medseg", **TINY, patch_fg_prob=prob)
+        data = VolumeData.from_arrays(seg, [i1, i2], [l1, l2], None, TrainOptions(steps=1))
+        assert data.fg_prob == prob
+        rng, patch = np.random.default_rng(0), data.plan.patch
+        starts = [data._start(label.shape, rng, label) for _ in range(50)]
+        covered[prob] = np.mean(
+            [all(s <= c < s + p for s, c, p in zip(st, (6, 80, 80), patch)) for st in starts]
+        )
+    assert covered[1.0] == 1.0 and covered[0.0] < 0.6

@@ -172,3 +172,24 @@ def test_ema_training_keeps_the_averaged_weights(toy_registered):
     assert dice(averaged.segment(image) == 1, mask == 1) >= 0.95
     with pytest.raises(ValueError, match="ema"):
         _run(toy_registered(device="cpu").finetune(image, mask, steps=2, ema=1.5))
+
+
+def test_soft_dice_denominator_forms_match_hand_computation() -> None:
+    """Squared (V-Net / SAMed) and plain (nnU-Net) soft Dice on a case computed by hand."""
+    from napari_medseg.engine.train.losses import segmentation_loss, soft_dice_loss
+
+    # Two classes, four pixels; probabilities of class 1: 0.9, 0.6, 0.2, 0.1, truth 1, 1, 0, 0.
+    p1 = torch.tensor([0.9, 0.6, 0.2, 0.1])
+    logits = torch.stack([torch.zeros(4), torch.log(p1 / (1 - p1))])[None]  # (1, 2, 4)
+    labels = torch.tensor([[1, 1, 0, 0]])
+    inter = 0.9 + 0.6
+    plain = 1 - 2 * inter / (p1.sum() + 2)
+    squared = 1 - 2 * inter / ((p1**2).sum() + 2)
+    got_plain = soft_dice_loss(logits, labels, include_background=False, eps=0, squared=False)
+    got_sq = soft_dice_loss(logits, labels, include_background=False, eps=0)
+    assert torch.allclose(got_plain, plain, atol=1e-6) and torch.allclose(got_sq, squared, atol=1e-6)
+    assert not torch.allclose(got_plain, got_sq)
+    # The named loss passes the form through (CE is the same in both).
+    a, ta = segmentation_loss(logits, labels, "dice_ce", squared_dice=False)
+    b, tb = segmentation_loss(logits, labels, "dice_ce")
+    assert ta["ce"] == tb["ce"] and abs((a - b).item() - (got_plain - got_sq).item()) < 1e-4

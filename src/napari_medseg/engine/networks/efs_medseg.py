@@ -125,6 +125,7 @@ class EfsMedSeg(Segmenter):
             "contrast_samples": 64,
             "contrast_stopgrad": True,
             "unlabeled_per_batch": 1,
+            "patch_fg_prob": 0.5,  # share of atlas patches centred on a labeled voxel (else uniform)
             "pseudo_threshold": 0.8,
             # Cross-entropy on unlabeled patches against the other view's confident prediction
             # (not in the abstract; 0 = off).
@@ -132,6 +133,9 @@ class EfsMedSeg(Segmenter):
             # Auxiliary Dice+CE at this many coarser decoder levels, weights 1/2 per level
             # (nnU-Net's deep supervision, not in the abstract); 0 = off.
             "deep_supervision": 0,
+            # Dice term's denominator: "squared" (Σp² + Σt², V-Net / SAMed) or "plain"
+            # (Σp + Σt, nnU-Net).
+            "dice_denominator": "squared",
             # Plan 1-wide kernels along axes much coarser than the finest (nnU-Net's rule,
             # engine/train/volume_geometry.py conv_kernels); False: 3×3×3 everywhere. Held-out
             # ACDC, seeds 0-2: 0.631 / 0.644 / 0.623 vs 0.600 / 0.558 / 0.555, 25 % faster steps.

@@ -38,14 +38,18 @@ def efs_loss(
         (loss, named terms for the progress records).
     """
     cfg = seg.config
+    form = cfg.get("dice_denominator", "squared")
+    if form not in ("squared", "plain"):
+        raise ValueError(f'dice_denominator must be "squared" or "plain", got {form!r}')
+    sq = form == "squared"
     y = batch["label"]
     b = y.shape[0]
     x1 = torch.cat([batch["image"], batch["u_image"]]) if "u_image" in batch else batch["image"]
     out = module.forward_train(x1)
     logits = out["logits"]
-    loss, terms = segmentation_loss(logits[:b], y, "dice_ce")
+    loss, terms = segmentation_loss(logits[:b], y, "dice_ce", sq)
     if "aux_logits_1" in out:
-        loss = deep_supervision_loss(out, y, loss, terms)
+        loss = deep_supervision_loss(out, y, loss, terms, sq)
     probs = logits.detach().float().softmax(1)
     conf, pred = probs.max(1)
     # Atlas voxels are weighted by their true class, unlabeled ones by their predicted class.
@@ -62,7 +66,7 @@ def efs_loss(
                 out2 = module.forward_train(x2, sample=False)
         else:
             out2 = module.forward_train(x2, sample=False)
-            sup2, _ = segmentation_loss(out2["logits"][:b], y, "dice_ce")
+            sup2, _ = segmentation_loss(out2["logits"][:b], y, "dice_ce", sq)
             loss = 0.5 * (loss + sup2)  # supervision on both views
     if pseudo_w > 0:
         # FixMatch-style: the other view's confident prediction labels the unlabeled voxels.
@@ -100,7 +104,11 @@ def efs_loss(
 
 
 def deep_supervision_loss(
-    out: dict[str, torch.Tensor], y: torch.Tensor, loss: torch.Tensor, terms: dict[str, float]
+    out: dict[str, torch.Tensor],
+    y: torch.Tensor,
+    loss: torch.Tensor,
+    terms: dict[str, float],
+    squared_dice: bool = True,
 ) -> torch.Tensor:
     """nnU-Net-style weighted mean of the full-resolution and auxiliary Dice+CE terms.
 
@@ -113,7 +121,7 @@ def deep_supervision_loss(
     while f"aux_logits_{i}" in out:
         aux = out[f"aux_logits_{i}"][:b]
         y_i = F.interpolate(y[:, None].float(), size=aux.shape[2:], mode="nearest-exact")[:, 0].long()
-        term, _ = segmentation_loss(aux, y_i, "dice_ce")
+        term, _ = segmentation_loss(aux, y_i, "dice_ce", squared_dice)
         total = total + 0.5**i * term
         weight += 0.5**i
         terms[f"aux{i}"] = float(term.detach())

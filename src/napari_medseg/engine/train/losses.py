@@ -7,23 +7,28 @@ import torch.nn.functional as F
 
 
 def soft_dice_loss(
-    logits: torch.Tensor, labels: torch.Tensor, include_background: bool = True, eps: float = 1e-5
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    include_background: bool = True,
+    eps: float = 1e-5,
+    squared: bool = True,
 ) -> torch.Tensor:
     """1 - mean soft Dice over classes, on softmax probabilities.
-
-    Uses the squared-denominator form (Σp² + Σt²) of SAMed/H-SAM/HF-SAM.
 
     Args:
         logits: (B, K, *S) raw scores.
         labels: (B, *S) int64 class ids in ``[0, K)``.
         include_background: Whether class 0 counts in the mean.
+        eps: Smoothing added to numerator and denominator.
+        squared: Denominator Σp² + Σt² (SAMed/H-SAM/HF-SAM, V-Net) if True, else Σp + Σt
+            (nnU-Net's soft Dice).
     """
     k = logits.shape[1]
     probs = logits.float().softmax(1)
     onehot = F.one_hot(labels.long(), k).movedim(-1, 1).float()
     dims = (0,) + tuple(range(2, logits.ndim))
     inter = (probs * onehot).sum(dims)
-    denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    denom = ((probs * probs) if squared else probs).sum(dims) + onehot.sum(dims)
     per_class = 1 - (2 * inter + eps) / (denom + eps)
     if not include_background and k > 1:
         per_class = per_class[1:]
@@ -41,7 +46,7 @@ LOSSES = ("ce", "dice", "dice_ce", "focal", "hfsam")
 
 
 def segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, kind: str = "dice_ce"
+    logits: torch.Tensor, labels: torch.Tensor, kind: str = "dice_ce", squared_dice: bool = True
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A named loss and its terms.
 
@@ -51,6 +56,7 @@ def segmentation_loss(
         kind: ``"ce"`` (STS-Net as released), ``"dice"``, ``"dice_ce"`` (CE + Dice, equal
             weights), ``"focal"``, or ``"hfsam"`` (0.1·CE + 0.9·Dice incl. background, the
             HF-SAM paper's loss).
+        squared_dice: Dice denominator form, see :func:`soft_dice_loss`.
 
     Returns:
         (loss, {term name: value}).
@@ -62,7 +68,9 @@ def segmentation_loss(
     if kind in ("ce", "dice_ce", "hfsam"):
         terms["ce"] = F.cross_entropy(logits.float(), labels)
     if kind in ("dice", "dice_ce", "hfsam"):
-        terms["dice"] = soft_dice_loss(logits, labels, include_background=kind == "hfsam")
+        terms["dice"] = soft_dice_loss(
+            logits, labels, include_background=kind == "hfsam", squared=squared_dice
+        )
     if kind == "focal":
         terms["focal"] = focal_loss(logits, labels)
     if kind == "hfsam":

@@ -309,6 +309,7 @@ class VolumeData:
             curve_prob=float(cfg.get("intensity_curve", 0.0)),
             gain_prob=float(cfg.get("intensity_gain", 0.0)),
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
+            fg_prob=float(cfg.get("patch_fg_prob", 0.5)),
             note=note,
         )
         data._indices = list(range(len(atlases)))
