@@ -466,3 +466,11 @@ def test_patch_fg_prob_reaches_the_sampler_and_centres_patches_on_labels() -> No
             [all(s <= c < s + p for s, c, p in zip(st, (6, 80, 80), patch)) for st in starts]
         )
     assert covered[1.0] == 1.0 and covered[0.0] < 0.6
+
+
+def test_unknown_dice_denominator_is_refused_before_training() -> None:
+    (i1, l1), (i2, l2) = phantom(0), phantom(1)
+    seg = nms.load_model("efs-medseg", **TINY, dice_denominator="cubic")
+    with pytest.raises(ValueError, match="dice_denominator"):
+        for _ in seg.finetune([i1, i2], [l1, l2], steps=1):
+            pass

@@ -327,7 +327,7 @@ class EfsMedSeg(Segmenter):
     def train_defaults(self) -> dict[str, Any]:
         gpu = self.config.get("widths") == SCALES["gpu"]["widths"]
         return {
-            "steps": 4000 if gpu else 1500,  # cpu: 13-18 min on one core (docs/models/efs-medseg.md)
+            "steps": 4000 if gpu else 1500,  # cpu: 13-22 min on one core (docs/models/efs-medseg.md)
             "lr": 2e-3,
             "schedule": "cosine",
             "warmup": 20,
@@ -348,20 +348,22 @@ class EfsMedSeg(Segmenter):
 
     def prepare_for_training(self, data: Any) -> None:
         """Adopt classes, preset and geometry; rebuild the network when they change it."""
+        form = self.config.get("dice_denominator", "squared")
+        if form not in ("squared", "plain"):  # checked once here, not on every step
+            raise ValueError(f'dice_denominator must be "squared" or "plain", got {form!r}')
         self.preset = data.preset
         plan = data.plan
         pools = [list(p) for p in plan.pools]
+        same_pools = pools == [list(p) for p in self.module.pools]
         kernels = None
-        if self.trained and pools == [list(p) for p in self.module.pools]:
+        if self.trained and same_pools:
             kernels = self.config.get("kernels")  # further training keeps a trained network's layout
         elif self.config.get("anisotropic_kernels"):
             kernels = [list(k) for k in conv_kernels(plan.target_spacing, plan.pools)]
             if all(k == [3, 3, 3] for k in kernels):
                 kernels = None  # near-isotropic: the plain network
         rebuild = (
-            data.num_classes != self.num_classes
-            or pools != [list(p) for p in self.module.pools]
-            or kernels != self.config.get("kernels")
+            data.num_classes != self.num_classes or not same_pools or kernels != self.config.get("kernels")
         )
         self.class_names = list(data.class_names)
         self.config.update(

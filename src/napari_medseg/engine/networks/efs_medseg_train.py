@@ -38,10 +38,7 @@ def efs_loss(
         (loss, named terms for the progress records).
     """
     cfg = seg.config
-    form = cfg.get("dice_denominator", "squared")
-    if form not in ("squared", "plain"):
-        raise ValueError(f'dice_denominator must be "squared" or "plain", got {form!r}')
-    sq = form == "squared"
+    sq = cfg.get("dice_denominator", "squared") == "squared"  # checked by prepare_for_training
     y = batch["label"]
     b = y.shape[0]
     x1 = torch.cat([batch["image"], batch["u_image"]]) if "u_image" in batch else batch["image"]
