@@ -95,6 +95,59 @@ class VAEBranch(nn.Module):
         return torch.sigmoid(self.out(z)), mu, logvar
 
 
+class LocalContrast3d(nn.Module):
+    """Fixed local contrast normalisation: (x − G∗x) / sqrt(G∗(x − G∗x)² + eps), G a Gaussian.
+
+    MRI intensities mean nothing in absolute terms: in one scan the blood pool is the brightest
+    tissue, in the next bright fat pushes it to mid-grey after percentile scaling. Relative to
+    its neighbourhood (within ~a centimetre) a structure keeps its contrast, so this channel
+    looks alike across such scans. No learned weights; replicate padding at the borders.
+
+    Args:
+        sigma: Gaussian SD per axis (z, y, x) in voxels; axes below 0.3 are not smoothed.
+        mode: ``"add"`` (output = [x, normalised x], twice the channels) or ``"replace"``.
+        eps: Variance floor (intensities in [0, 1]), so flat regions are not blown up to noise.
+    """
+
+    def __init__(self, sigma: Sequence[float], mode: str = "add", eps: float = 1e-3) -> None:
+        super().__init__()
+        if mode not in ("add", "replace"):
+            raise ValueError(f'local contrast mode must be "add" or "replace", got {mode!r}')
+        self.mode, self.eps = mode, float(eps)
+        self.sigma = [float(s) for s in sigma]
+        for axis, s in enumerate(self.sigma):
+            radius = max(1, math.ceil(3 * s)) if s >= 0.3 else 0
+            t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+            k = torch.exp(-0.5 * (t / max(s, 1e-6)) ** 2) if radius else torch.ones(1)
+            self.register_buffer(f"k{axis}", k / k.sum(), persistent=False)
+
+    def channels(self, cin: int) -> int:
+        """Channels out for ``cin`` channels in."""
+        return 2 * cin if self.mode == "add" else cin
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        for axis in range(3):
+            k: torch.Tensor = getattr(self, f"k{axis}")
+            r = k.numel() // 2
+            if r == 0:
+                continue
+            shape = [1, 1, 1]
+            shape[axis] = k.numel()
+            pad = [0] * 6
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r  # F.pad lists the last axis first
+            weight = k.view(1, 1, *shape).repeat(c, 1, 1, 1, 1)  # one Gaussian per channel
+            x = F.conv3d(F.pad(x, pad, mode="replicate"), weight, groups=c)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, Z, Y, X) → (B, 2C or C, Z, Y, X); the normalised channel clipped to ±4."""
+        mean = self._blur(x)
+        centred = x - mean
+        y = (centred / torch.sqrt(self._blur(centred * centred) + self.eps)).clamp(-4.0, 4.0)
+        return torch.cat([x, y], 1) if self.mode == "add" else y
+
+
 class ProjectionHead(nn.Module):
     """1×1×1 conv → PReLU → 1×1×1 conv, L2-normalised over channels (SimCLR-style head)."""
 
@@ -130,6 +183,10 @@ class EfsMedSegNet(nn.Module):
         deep_supervision: Number of coarser decoder levels (1, 2, …) that get their own 1×1×1
             class head for auxiliary losses in training (nnU-Net's deep supervision; not in the
             abstract). Inference uses the full-resolution head only.
+        local_contrast: Gaussian SD per axis (z, y, x) in voxels of a fixed
+            :class:`LocalContrast3d` input layer (None: the image goes in as it is; not in the
+            abstract). The VAE still reconstructs the image itself.
+        local_contrast_mode: ``"add"`` (image and normalised image) or ``"replace"``.
     """
 
     def __init__(
@@ -145,8 +202,13 @@ class EfsMedSegNet(nn.Module):
         contrast_level: int = 1,
         kernels: Sequence[Sequence[int]] | None = None,
         deep_supervision: int = 0,
+        local_contrast: Sequence[float] | None = None,
+        local_contrast_mode: str = "add",
     ) -> None:
         super().__init__()
+        self.local_contrast: LocalContrast3d | None = (
+            LocalContrast3d(local_contrast, local_contrast_mode) if local_contrast else None
+        )
         widths = [int(w) for w in widths]
         if len(widths) < 2:
             raise ValueError("widths needs at least two levels")
@@ -162,7 +224,8 @@ class EfsMedSegNet(nn.Module):
         ks = [tuple(int(v) for v in k) for k in kernels] if kernels else [(3, 3, 3)] * len(widths)
         if len(ks) != len(widths):
             raise ValueError(f"{len(widths)} widths need {len(widths)} kernels, got {len(ks)}")
-        ins = [in_channels, *widths[:-1]]
+        cin = self.local_contrast.channels(in_channels) if self.local_contrast else in_channels
+        ins = [cin, *widths[:-1]]
         self.enc = nn.ModuleList([ResUnit3d(ins[i], w, kernel=ks[i]) for i, w in enumerate(widths)])
         self.ups = nn.ModuleList(
             [nn.ConvTranspose3d(widths[i + 1], widths[i], p, stride=p) for i, p in enumerate(self.pools)]
@@ -199,8 +262,12 @@ class EfsMedSegNet(nn.Module):
             pad += [0, t - s]
         return F.pad(x, pad), shape
 
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The image (B, C, *S) as the encoder sees it (with the local-contrast channel if any)."""
+        return self.local_contrast(x) if self.local_contrast is not None else x
+
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encoder + decoder.
+        """Encoder + decoder of ``x``, the output of :meth:`network_input` (already padded).
 
         Returns:
             (bottleneck (B, widths[-1], *s), decoder features where entry i is level i with
@@ -222,7 +289,8 @@ class EfsMedSegNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, Z, Y, X) → (B, K, Z, Y, X) logits (the segmenter alone)."""
-        xp, shape = self._pad(x)
+        # Normalise before padding, so the zero padding does not enter the local statistics.
+        xp, shape = self._pad(self.network_input(x))
         _, feats = self.features(xp)
         return self.head(feats[0])[(..., *[slice(0, s) for s in shape])]
 
@@ -236,7 +304,7 @@ class EfsMedSegNet(nn.Module):
             deep supervision: ``aux_logits_1``, ``aux_logits_2``, … (B, K, *S_level) at the
             resolution of decoder levels 1, 2, ….
         """
-        bottleneck, feats = self.features(x)
+        bottleneck, feats = self.features(self.network_input(x))
         out = {"logits": self.head(feats[0])}
         for i, head in enumerate(self.aux_heads, start=1):
             out[f"aux_logits_{i}"] = head(feats[i])

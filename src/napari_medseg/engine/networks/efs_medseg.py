@@ -141,6 +141,11 @@ class EfsMedSeg(Segmenter):
             # ACDC, seeds 0-2: 0.631 / 0.644 / 0.623 vs 0.600 / 0.558 / 0.555, 25 % faster steps.
             "anisotropic_kernels": True,
             "kernels": None,  # per-level kernels decided by training (None: 3×3×3)
+            # Local contrast normalisation of the input (models/efs_medseg.py LocalContrast3d):
+            # Gaussian SD in mm (0 = off), "add" (image + normalised image) or "replace".
+            "local_contrast": 0.0,
+            "local_contrast_mode": "add",
+            "local_contrast_sigma": None,  # in voxels of the target spacing, set by training
         }
 
     # Inference options of the Segment widget (figures: docs/models/efs-medseg.md).
@@ -198,6 +203,8 @@ class EfsMedSeg(Segmenter):
             contrast_level=int(self.config["contrast_level"]),
             kernels=self.config.get("kernels"),
             deep_supervision=int(self.config.get("deep_supervision", 0)),
+            local_contrast=self.config.get("local_contrast_sigma"),
+            local_contrast_mode=str(self.config.get("local_contrast_mode", "add")),
         )
 
     def network_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,8 +369,17 @@ class EfsMedSeg(Segmenter):
             kernels = [list(k) for k in conv_kernels(plan.target_spacing, plan.pools)]
             if all(k == [3, 3, 3] for k in kernels):
                 kernels = None  # near-isotropic: the plain network
+        sigma = None
+        if self.trained and same_pools:
+            sigma = self.config.get("local_contrast_sigma")  # as trained, like the kernels
+        elif float(self.config.get("local_contrast") or 0.0) > 0:
+            mm = float(self.config["local_contrast"])
+            sigma = [round(mm / float(sp), 4) for sp in plan.target_spacing]
         rebuild = (
-            data.num_classes != self.num_classes or not same_pools or kernels != self.config.get("kernels")
+            data.num_classes != self.num_classes
+            or not same_pools
+            or kernels != self.config.get("kernels")
+            or sigma != self.config.get("local_contrast_sigma")
         )
         self.class_names = list(data.class_names)
         self.config.update(
@@ -371,6 +387,7 @@ class EfsMedSeg(Segmenter):
             patch_size=list(plan.patch),
             pools=pools,
             kernels=kernels,
+            local_contrast_sigma=sigma,
             single_piece_classes=single_piece_classes([lab for _, lab in data.atlases], data.num_classes),
             tta_turns=4 if data.spatial.covers_quarter_turns(plan.target_spacing) else 1,
         )
