@@ -118,7 +118,7 @@ class LocalContrast3d(nn.Module):
         for axis, s in enumerate(self.sigma):
             radius = max(1, math.ceil(3 * s)) if s >= 0.3 else 0
             t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-            k = torch.exp(-0.5 * (t / max(s, 1e-6)) ** 2) if radius else torch.ones(1)
+            k = torch.exp(-0.5 * (t / s) ** 2) if radius else torch.ones(1)
             self.register_buffer(f"k{axis}", k / k.sum(), persistent=False)
 
     def channels(self, cin: int) -> int:

@@ -362,24 +362,17 @@ class EfsMedSeg(Segmenter):
         plan = data.plan
         pools = [list(p) for p in plan.pools]
         same_pools = pools == [list(p) for p in self.module.pools]
-        kernels = None
+        # Further training of a trained network on the same pools keeps its layout (kernels and
+        # input layer) and so its weights; otherwise both are planned from the spacing.
+        layout = ("kernels", "local_contrast_sigma")
         if self.trained and same_pools:
-            kernels = self.config.get("kernels")  # further training keeps a trained network's layout
-        elif self.config.get("anisotropic_kernels"):
-            kernels = [list(k) for k in conv_kernels(plan.target_spacing, plan.pools)]
-            if all(k == [3, 3, 3] for k in kernels):
-                kernels = None  # near-isotropic: the plain network
-        sigma = None
-        if self.trained and same_pools:
-            sigma = self.config.get("local_contrast_sigma")  # as trained, like the kernels
-        elif float(self.config.get("local_contrast") or 0.0) > 0:
-            mm = float(self.config["local_contrast"])
-            sigma = [round(mm / float(sp), 4) for sp in plan.target_spacing]
+            kernels, sigma = (self.config.get(key) for key in layout)
+        else:
+            kernels, sigma = self._plan_layout(plan.target_spacing, plan.pools)
         rebuild = (
             data.num_classes != self.num_classes
             or not same_pools
-            or kernels != self.config.get("kernels")
-            or sigma != self.config.get("local_contrast_sigma")
+            or [kernels, sigma] != [self.config.get(key) for key in layout]
         )
         self.class_names = list(data.class_names)
         self.config.update(
@@ -393,6 +386,19 @@ class EfsMedSeg(Segmenter):
         )
         if rebuild:
             self.module = self.build_module().to(self.device)
+
+    def _plan_layout(
+        self, spacing: Sequence[float], pools: Sequence[Sequence[int]]
+    ) -> tuple[list[list[int]] | None, list[float] | None]:
+        """Per-level kernels and the local-contrast SD in voxels for a new network (None = off)."""
+        kernels = None
+        if self.config.get("anisotropic_kernels"):
+            kernels = [list(k) for k in conv_kernels(spacing, pools)]
+            if all(k == [3, 3, 3] for k in kernels):
+                kernels = None  # near-isotropic: the plain network
+        mm = float(self.config.get("local_contrast") or 0.0)
+        sigma = [round(mm / float(sp), 4) for sp in spacing] if mm > 0 else None
+        return kernels, sigma
 
     def training_loss(
         self, module: nn.Module, batch: dict[str, torch.Tensor]
