@@ -4,14 +4,17 @@
         [--variants full,no_switch,no_vae,no_contrast,no_spatial]
         [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
         [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS] [--train-set KEY=JSON_VALUE ...]
-        [--atlas-frames] [--transductive]
+        [--atlas-frames] [--transductive] [--fold F] [--one-patient]
 
 For each dataset: two labeled volumes (atlases), four unlabeled volumes (six with
 ``--atlas-frames`` on ACDC: the atlas patients' ES frames too; the test volumes as well with
 ``--transductive``, which then no longer scores unseen data), per-class Dice on the
-remaining development volumes (disjoint by patient for ACDC). Each variant trains in its own
-subprocess so its peak memory (ru_maxrss) and time are its own. Reads the research-only data
-from $MEDSEG_DATA (default ../shared/data) at run time; nothing is copied.
+remaining development volumes (disjoint by patient for ACDC). ``--fold F`` rotates the
+sorted patients (ACDC; LA-2018: the sorted volumes) by 2F before that split, so folds 0-4
+(ACDC) or 0-5 (LA-2018) make every patient an atlas once and a test case three times. Each
+variant trains in its own subprocess so its peak memory (ru_maxrss) and time are its own.
+Reads the research-only data from $MEDSEG_DATA (default ../shared/data) at run time; nothing
+is copied.
 
 ACDC files store no spacing (identity affine); we assume 10 mm slices and 1.5 mm pixels,
 typical of ACDC. LA-2018 headers give 0.625 mm isotropic.
@@ -59,7 +62,13 @@ def load(ds: str, stem: str) -> tuple[np.ndarray, np.ndarray, tuple[float, float
 
 
 def split(
-    ds: str, quick: bool, n_atlases: int = 2, atlas_frames: bool = False, transductive: bool = False
+    ds: str,
+    quick: bool,
+    n_atlases: int = 2,
+    atlas_frames: bool = False,
+    transductive: bool = False,
+    fold: int = 0,
+    one_patient: bool = False,
 ) -> tuple[list[str], list[str], list[str]]:
     """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases).
 
@@ -68,14 +77,22 @@ def split(
     ``atlas_frames`` (ACDC only) adds the atlas patients' other (ES) frames, unlabeled.
     ``transductive`` adds the test volumes to the unlabeled ones (what a user does who adds the
     volumes to segment as unlabeled layers; then the test is no longer unseen data).
+    ``fold`` rotates the sorted patients (or volumes) by two per fold first; fold 0 is the
+    split every earlier figure used. ``one_patient`` (ACDC only) labels both frames (ED and ES)
+    of the first patient instead of the ED frames of two; the second patient's frames join the
+    unlabeled ones, and the test set stays the same.
     """
     rows = list(csv.DictReader(open(DATA / ds / "cases.csv")))
-    stems = [r["stem"] for r in rows]
+    stems = sorted(r["stem"] for r in rows)
+    stems = stems[2 * fold :] + stems[: 2 * fold]
     if ds == "acdc":
         pats = sorted({r["patient"] for r in rows})
+        pats = pats[2 * fold :] + pats[: 2 * fold]
         by = {p: [r["stem"] for r in rows if r["patient"] == p] for p in pats}
         atlases = [by[p][0] for p in pats[:n_atlases]]
         unlabeled = [s for s in by[pats[2]] + by[pats[3]] if s not in atlases]
+        if one_patient:
+            atlases, unlabeled = by[pats[0]][:2], by[pats[1]] + unlabeled
         if atlas_frames:
             unlabeled += [s for p in pats[:2] for s in by[p] if s not in atlases]
         test = [s for p in pats[4:] for s in by[p]]
@@ -100,7 +117,9 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         args.tta,
         args.augment,
     )
-    atl, unl, test = split(ds, quick, args.atlases, args.atlas_frames, args.transductive)
+    atl, unl, test = split(
+        ds, quick, args.atlases, args.atlas_frames, args.transductive, args.fold, args.one_patient
+    )
     a = [load(ds, s) for s in atl]
     u = [load(ds, s) for s in unl]
     torch.manual_seed(args.seed)
@@ -158,6 +177,8 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         "options": extra or {},
         "train_options": parse_pairs(args.train_set),
         "seed": args.seed,
+        "fold": args.fold,
+        "one_patient": args.one_patient,
         "augment": augment,
     }
     for c, v in sorted(per.items()):
@@ -212,6 +233,10 @@ def main() -> None:
     ap.add_argument(
         "--transductive", action="store_true", help="the test volumes also join the unlabeled ones"
     )
+    ap.add_argument(
+        "--one-patient", action="store_true", help="ACDC: ED and ES of one patient as the two atlases"
+    )
+    ap.add_argument("--fold", type=int, default=0, help="rotate the split by 2 patients per fold")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     extra = parse_pairs(args.set)
@@ -242,6 +267,7 @@ def main() -> None:
             cmd += ["--atlases", str(args.atlases), "--seed", str(args.seed)]
             cmd += ["--atlas-frames"] if args.atlas_frames else []
             cmd += ["--transductive"] if args.transductive else []
+            cmd += ["--fold", str(args.fold)] + (["--one-patient"] if args.one_patient else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
