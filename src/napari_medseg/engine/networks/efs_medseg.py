@@ -130,6 +130,12 @@ class EfsMedSeg(Segmenter):
             # Cross-entropy on unlabeled patches against the other view's confident prediction
             # (not in the abstract; 0 = off).
             "pseudo_weight": 0.0,
+            # Bidirectional copy-paste between an atlas patch and an unlabeled patch (BCP,
+            # Bai et al., CVPR 2023; not in the abstract): one mixed patch per unlabeled one,
+            # supervised by the atlas labels in the atlas part and by the other view's
+            # confident prediction (weight ``copy_paste_pseudo``) in the unlabeled part; 0 = off.
+            "copy_paste_weight": 0.0,
+            "copy_paste_pseudo": 0.5,
             # Auxiliary Dice+CE at this many coarser decoder levels, weights 1/2 per level
             # (nnU-Net's deep supervision, not in the abstract); 0 = off.
             "deep_supervision": 0,

@@ -12,6 +12,7 @@ def soft_dice_loss(
     include_background: bool = True,
     eps: float = 1e-5,
     squared: bool = True,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 - mean soft Dice over classes, on softmax probabilities.
 
@@ -22,13 +23,18 @@ def soft_dice_loss(
         eps: Smoothing added to numerator and denominator.
         squared: Denominator Σp² + Σt² (SAMed/H-SAM/HF-SAM, V-Net) if True, else Σp + Σt
             (nnU-Net's soft Dice).
+        weight: Optional (B, *S) non-negative voxel weights on every sum (0 = ignored).
     """
     k = logits.shape[1]
     probs = logits.float().softmax(1)
     onehot = F.one_hot(labels.long(), k).movedim(-1, 1).float()
+    probs_w, onehot_w = probs, onehot
+    if weight is not None:
+        w = weight.float().unsqueeze(1)
+        probs_w, onehot_w = probs * w, onehot * w
     dims = (0,) + tuple(range(2, logits.ndim))
-    inter = (probs * onehot).sum(dims)
-    denom = ((probs * probs) if squared else probs).sum(dims) + onehot.sum(dims)
+    inter = (probs * onehot_w).sum(dims)
+    denom = ((probs * probs_w) if squared else probs_w).sum(dims) + onehot_w.sum(dims)
     per_class = 1 - (2 * inter + eps) / (denom + eps)
     if not include_background and k > 1:
         per_class = per_class[1:]

@@ -22,7 +22,7 @@ from napari_medseg.engine.image import prepare_image
 from napari_medseg.engine.metrics import dice_per_class
 from napari_medseg.engine.preprocess import IntensityPreset
 from napari_medseg.engine.train.data import TrainingDataError, as_list, class_setup
-from napari_medseg.engine.train.regional_switch import SwitchOptions, random_switch
+from napari_medseg.engine.train.regional_switch import SwitchOptions, random_switch, region_mask
 from napari_medseg.engine.train.spatial_aug import (
     SpatialOptions,
     contract_patch,
@@ -162,6 +162,8 @@ class VolumeData:
         class_gain_prob: Share of atlas patches whose structures get their own gains
             (:func:`class_gain`), before both views are made.
         fg_prob: Probability that a patch is centred on a labeled voxel.
+        copy_paste: Also draw a cuboid mask (``cp_mask``) and a direction (``cp_dir``) per
+            unlabeled patch for the atlas↔unlabeled copy-paste term.
         note: Remark for the user.
     """
 
@@ -181,6 +183,7 @@ class VolumeData:
     gain_prob: float = 0.0
     class_gain_prob: float = 0.0
     fg_prob: float = 0.5
+    copy_paste: bool = False
     note: str = ""
     _indices: list[int] = field(default_factory=list)
 
@@ -310,6 +313,7 @@ class VolumeData:
             gain_prob=float(cfg.get("intensity_gain", 0.0)),
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
             fg_prob=float(cfg.get("patch_fg_prob", 0.5)),
+            copy_paste=float(cfg.get("copy_paste_weight", 0.0)) > 0,
             note=note,
         )
         data._indices = list(range(len(atlases)))
@@ -386,7 +390,8 @@ class VolumeData:
         Returns:
             ``image`` / ``image2`` (B, C, *P) float32: two intensity views of the same atlas
             patches; ``label`` (B, *P) int64; with unlabeled volumes also ``u_image`` /
-            ``u_image2`` (U, C, *P).
+            ``u_image2`` (U, C, *P); with ``copy_paste`` also ``cp_mask`` (U, 1, *P) float
+            in [0, 1] and ``cp_dir`` (U,) int64 (1: the unlabeled patch inside the cuboids).
         """
         views1, views2, labels = [], [], []
         for _ in range(batch_size):
@@ -414,6 +419,10 @@ class VolumeData:
                     intensity_view(patch, rng, max(self.strength, 0.5), self.curve_prob, self.gain_prob)
                 )
             out["u_image"], out["u_image2"] = torch.from_numpy(np.stack(u1)), torch.from_numpy(np.stack(u2))
+            if self.copy_paste:  # no draw while off, so runs without it are unchanged
+                masks = [region_mask(self.plan.patch, rng, self.switch) for _ in u1]
+                out["cp_mask"] = torch.from_numpy(np.stack(masks))[:, None]
+                out["cp_dir"] = torch.from_numpy(rng.integers(0, 2, len(u1)))
         return out
 
     def validate(self, seg: Segmenter) -> dict[str, float]:
