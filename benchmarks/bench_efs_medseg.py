@@ -4,7 +4,7 @@
         [--variants full,no_switch,no_vae,no_contrast,no_spatial]
         [--name JSON_NAME] [--set KEY=JSON_VALUE ...] [--save-dir DIR] [--steps N] [--scale cpu]
         [--atlases 2|3] [--seed N] [--augment PRESET] [--tta TURNS] [--train-set KEY=JSON_VALUE ...]
-        [--atlas-frames] [--transductive] [--fold F] [--one-patient]
+        [--atlas-frames] [--transductive] [--fold F] [--one-patient | --mixed-phases]
 
 For each dataset: two labeled volumes (atlases), four unlabeled volumes (six with
 ``--atlas-frames`` on ACDC: the atlas patients' ES frames too; the test volumes as well with
@@ -69,6 +69,7 @@ def split(
     transductive: bool = False,
     fold: int = 0,
     one_patient: bool = False,
+    mixed_phases: bool = False,
 ) -> tuple[list[str], list[str], list[str]]:
     """Atlases, unlabeled and test stems (ACDC: by patient, ED frames as atlases).
 
@@ -80,7 +81,8 @@ def split(
     ``fold`` rotates the sorted patients (or volumes) by two per fold first; fold 0 is the
     split every earlier figure used. ``one_patient`` (ACDC only) labels both frames (ED and ES)
     of the first patient instead of the ED frames of two; the second patient's frames join the
-    unlabeled ones, and the test set stays the same.
+    unlabeled ones, and the test set stays the same. ``mixed_phases`` (ACDC only) labels the
+    first patient's ED frame and the second patient's ES frame (the other frames stay unused).
     """
     rows = list(csv.DictReader(open(DATA / ds / "cases.csv")))
     stems = sorted(r["stem"] for r in rows)
@@ -91,6 +93,8 @@ def split(
         by = {p: [r["stem"] for r in rows if r["patient"] == p] for p in pats}
         atlases = [by[p][0] for p in pats[:n_atlases]]
         unlabeled = [s for s in by[pats[2]] + by[pats[3]] if s not in atlases]
+        if mixed_phases:
+            atlases = [by[pats[0]][0], by[pats[1]][1]]
         if one_patient:
             atlases, unlabeled = by[pats[0]][:2], by[pats[1]] + unlabeled
         if atlas_frames:
@@ -118,7 +122,14 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         args.augment,
     )
     atl, unl, test = split(
-        ds, quick, args.atlases, args.atlas_frames, args.transductive, args.fold, args.one_patient
+        ds,
+        quick,
+        args.atlases,
+        args.atlas_frames,
+        args.transductive,
+        args.fold,
+        args.one_patient,
+        args.mixed_phases,
     )
     a = [load(ds, s) for s in atl]
     u = [load(ds, s) for s in unl]
@@ -179,6 +190,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
         "seed": args.seed,
         "fold": args.fold,
         "one_patient": args.one_patient,
+        "mixed_phases": args.mixed_phases,
         "augment": augment,
     }
     for c, v in sorted(per.items()):
@@ -236,6 +248,9 @@ def main() -> None:
     ap.add_argument(
         "--one-patient", action="store_true", help="ACDC: ED and ES of one patient as the two atlases"
     )
+    ap.add_argument(
+        "--mixed-phases", action="store_true", help="ACDC: one patient's ED and another's ES frame as atlases"
+    )
     ap.add_argument("--fold", type=int, default=0, help="rotate the split by 2 patients per fold")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -268,6 +283,7 @@ def main() -> None:
             cmd += ["--atlas-frames"] if args.atlas_frames else []
             cmd += ["--transductive"] if args.transductive else []
             cmd += ["--fold", str(args.fold)] + (["--one-patient"] if args.one_patient else [])
+            cmd += ["--mixed-phases"] if args.mixed_phases else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:

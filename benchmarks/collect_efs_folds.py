@@ -3,7 +3,7 @@
 Each fold trains on its own two atlases and scores its own six test patients, so a single
 split's mean depends on which patients it happens to test. This prints, per run, the fold's
 atlases and per-class Dice; then the mean over folds (per seed and over all runs) and each
-patient's mean Dice over the runs that tested it.
+patient's mean Dice over the runs that tested it, and (ACDC) the mean per cardiac phase.
 
 Usage:
     python benchmarks/collect_efs_folds.py results/efs_acdc_fold*_seed*_1500.json ... [--name NAME]
@@ -66,6 +66,23 @@ def main() -> None:
     ]
     print()
     print(table(per_patient, ["patient", "volumes scored", "mean Dice"]))
+    phases: dict[str, list[list[float]]] = defaultdict(list)
+    for r in runs:
+        for stem, dice in r["per_volume"].items():
+            if "_frame" in stem:  # ACDC: frame01 is end-diastole, the other frame end-systole
+                phases["ED" if stem.endswith("_frame01") else "ES"].append(dice)
+    per_phase = [
+        {
+            "phase": ph,
+            "volumes scored": len(v),
+            **dict(zip(classes, np.mean(v, 0).tolist())),
+            "mean Dice": float(np.mean(v)),
+        }
+        for ph, v in sorted(phases.items())
+    ]
+    if per_phase:
+        print()
+        print(table(per_phase, ["phase", "volumes scored", *classes, "mean Dice"]))
     keep = ["seed", "fold", "atlases", "unlabeled", "test", *classes, "mean_dice", "per_volume", "file"]
     print(
         "saved",
@@ -76,6 +93,7 @@ def main() -> None:
                 "by_seed": summary,
                 "mean_over_runs": overall,
                 "per_patient": per_patient,
+                "per_phase": per_phase,
             },
         ),
     )
