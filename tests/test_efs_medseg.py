@@ -18,14 +18,14 @@ from napari_medseg.engine.train.regional_switch import (
     switch_regions,
     transformed_copy,
 )
-from napari_medseg.engine.train.volume_data import (
+from napari_medseg.engine.train.volume_geometry import plan_geometry
+from napari_medseg.engine.train.volume_intensity import (
     CLASS_GAIN_RANGE,
     GAIN_MIN,
     class_gain,
     intensity_view,
     random_curve,
 )
-from napari_medseg.engine.train.volume_geometry import plan_geometry
 from napari_medseg.models.efs_medseg import EfsMedSegNet
 from napari_medseg.models.efs_medseg_losses import (
     anatomy_contrastive_loss,

@@ -102,13 +102,13 @@ class EfsMedSeg(Segmenter):
             "spatial_contract": 0.0,  # share of atlas patches contracted about a structure (0 = off)
             "spatial_contract_strength": 0.6,
             # Share of training views that first get a random monotone intensity curve
-            # (engine/train/volume_data.py random_curve); 0 = off.
+            # (engine/train/volume_intensity.py random_curve); 0 = off.
             "intensity_curve": 0.0,
             # Share of training views darkened by a random gain in [0.4, 1]
-            # (engine/train/volume_data.py intensity_view); 0 = off.
+            # (engine/train/volume_intensity.py intensity_view); 0 = off.
             "intensity_gain": 0.0,
             # Share of atlas patches whose labeled structures get their own random gains
-            # (engine/train/volume_data.py class_gain); 0 = off.
+            # (engine/train/volume_intensity.py class_gain); 0 = off.
             "intensity_class_gain": 0.0,
             # Keep only the largest piece of classes that are one piece in every atlas:
             # "auto" (rule learned from the atlases), True (every class) or False.

@@ -1,0 +1,86 @@
+"""Intensity augmentation of 3-D training patches (C, Z, Y, X) in [0, 1].
+
+The two intensity views of every patch (:func:`intensity_view`, optionally after a random
+monotone curve or a gain), and the label-guided per-structure gain (:func:`class_gain`).
+Used by the patch sampler in volume_data.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) -> np.ndarray:
+    """A random monotone piecewise-linear intensity map of [0, 1] onto itself.
+
+    Unlike a gamma curve it can darken one tissue relative to its neighbours (a blood pool
+    darker than the myocardium, as in some scans the atlases do not cover) while keeping the
+    order of intensities.
+    """
+    xs = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, knots)), [1.0]])
+    ys = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, knots)), [1.0]])
+    return np.interp(np.clip(image, 0, 1), xs, ys).astype(np.float32)
+
+
+GAIN_MIN = 0.4  # darkest gain of the gain augmentation (see intensity_view)
+
+
+# Intensity-view strength per augment preset; "paper" (HF-SAM's 2-D views) has no 3-D meaning.
+VIEW_STRENGTH = {"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}
+CLASS_GAIN_RANGE = (0.35, 1.25)  # per-structure gain range of class_gain (log-uniform)
+
+
+def class_gain(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Multiply each labeled structure of a (C, Z, Y, X) patch by its own random gain.
+
+    Label-guided contrast augmentation in the spirit of SynthSeg (Billot et al., 2023), milder
+    than it: the background keeps gain 1, every foreground class gets a log-uniform gain in
+    :data:`CLASS_GAIN_RANGE`, and the gain map is blurred over about one voxel in plane so
+    borders stay soft. It shows the network hearts whose blood pool is as dark as the
+    myocardium (ACDC patient 039), which no global intensity change produces. Measured: it
+    lowered held-out ACDC Dice from 0.600 to 0.384 (the network learns that brightness says
+    little, and two atlases do not teach shape well enough), so it is off by default.
+
+    Args:
+        image: (C, Z, Y, X) float32 in [0, 1].
+        label: (Z, Y, X) integer class ids aligned with ``image``.
+        rng: Random generator.
+
+    Returns:
+        (C, Z, Y, X) float32 in [0, 1].
+    """
+    from scipy.ndimage import gaussian_filter
+
+    classes = int(label.max()) + 1
+    lo, hi = np.log(CLASS_GAIN_RANGE[0]), np.log(CLASS_GAIN_RANGE[1])
+    gains = np.concatenate([[1.0], np.exp(rng.uniform(lo, hi, classes - 1))]).astype(np.float32)
+    field = gaussian_filter(gains[label], sigma=(0.0, 1.0, 1.0), mode="nearest")
+    return np.clip(image * field[None], 0, 1).astype(np.float32)
+
+
+def intensity_view(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    strength: float,
+    curve_prob: float = 0.0,
+    gain_prob: float = 0.0,
+) -> np.ndarray:
+    """Random gamma, contrast, brightness and noise on a (C, Z, Y, X) image in [0, 1].
+
+    With probability ``curve_prob`` a :func:`random_curve` comes first, then with probability
+    ``gain_prob`` the view is multiplied by a log-uniform gain in [``GAIN_MIN``, 1]: the
+    0.5-99.5 percentile scaling of MRI anchors its top on the brightest tissue, and a scan
+    with much bright fat puts the blood pool at 0.3 instead of 0.7-0.85 (the upper
+    percentile / blood-pool ratio ranges 1.1-3.1 over the ACDC volumes). No draw happens for
+    an option at 0, so runs without it are unchanged.
+    """
+    if strength <= 0:
+        return image
+    if curve_prob > 0 and rng.random() < curve_prob:
+        image = random_curve(image, rng)
+    if gain_prob > 0 and rng.random() < gain_prob:
+        image = image * np.float32(np.exp(rng.uniform(np.log(GAIN_MIN), 0.0)))
+    x = np.clip(image, 0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4) * strength))
+    x = x * rng.uniform(1 - 0.15 * strength, 1 + 0.15 * strength) + rng.uniform(-0.1, 0.1) * strength
+    x = x + rng.normal(0, 0.03 * strength * rng.random(), x.shape)
+    return np.clip(x, 0, 1).astype(np.float32)
