@@ -200,6 +200,7 @@ def run_one(ds: str, variant: str, args: argparse.Namespace, extra: dict[str, An
     if tta_scores:
         row[f"mean_dice_tta{tta}"] = float(np.mean([np.mean(v) for v in tta_scores.values()]))
     row["single_piece_classes"] = seg.config.get("single_piece_classes")
+    row["single_piece_union"] = seg.config.get("single_piece_union")
     row["tta_turns"] = seg.config.get("tta_turns")  # what tta="auto" resolved to (mean_dice uses it)
     row["per_volume"] = per_volume
     if save_dir:

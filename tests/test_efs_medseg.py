@@ -270,11 +270,27 @@ def test_anisotropic_volume_returns_its_own_shape(tmp_path) -> None:
         assert {"recon", "kl", "contrast", "ce", "dice"} <= set(p.terms)
     assert seg.config["target_spacing"] == [2.0, 1.0, 1.0]
     assert seg.config["single_piece_classes"] == [1, 2]  # shell and core: one piece each
+    assert seg.config["single_piece_union"] is True  # ... and touching: one piece together
     assert seg.config["tta"] == "auto" and seg.config["tta_turns"] == 1  # ±30° tilts: no quarter turns
     img, _ = phantom(5, (7, 29, 41), zscale=3.0)
     out = seg.segment(img, spacing=(3.0, 0.8, 1.1))  # resampled to (10.5, 23.2, 45.1) inside
     assert out.shape == img.shape and out.dtype == np.int32
     assert seg.segment(img[:, :, :17], spacing=(3.0, 0.8, 1.1)).shape == (7, 29, 17)
+
+
+def test_postprocess_keeps_the_largest_piece_of_the_union() -> None:
+    """The learned union rule removes a stray two-class piece; ``keep_largest=False`` keeps it."""
+    seg = nms.load_model("efs-medseg", **TINY)
+    lab = np.zeros((4, 20, 20), np.int32)
+    lab[1:3, 2:8, 2:8], lab[1:3, 8:12, 2:8] = 1, 2  # the organ: 120 voxels
+    lab[1:3, 15:18, 15:17], lab[1:3, 15:18, 17:19] = 1, 2  # a stray copy: 24 voxels
+    seg.config.update(single_piece_classes=[], single_piece_union=True)
+    out = seg.postprocess(lab)
+    assert (out[:, 15:, 15:] == 0).all() and (out[:, :12] == lab[:, :12]).all()
+    seg.config["keep_largest"] = False
+    np.testing.assert_array_equal(seg.postprocess(lab), lab)
+    seg.config.update(keep_largest="auto", single_piece_union=False)  # checkpoints before the rule
+    np.testing.assert_array_equal(seg.postprocess(lab), lab)
 
 
 def test_pseudo_label_term_without_contrast() -> None:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from napari_medseg.engine.components import keep_largest, single_piece_classes
+from napari_medseg.engine.components import keep_largest, single_piece_classes, single_piece_union
 from napari_medseg.engine.train.spatial_aug import (
     SpatialOptions,
     _rot,
@@ -160,3 +160,34 @@ def test_keep_largest_and_single_piece_rule() -> None:
     assert (out[2, 16:18, 16:18] == 0).all() and (out[1:5, 2:10, 2:10] == 1).all()
     np.testing.assert_array_equal(out == 2, lab == 2)  # other classes untouched
     np.testing.assert_array_equal(lab[2, 16, 16], 1)  # input not modified
+
+
+def test_keep_largest_union_first() -> None:
+    # An "organ" of two touching classes, and a bigger false blob of class 1 elsewhere
+    # (it wins class 1 on its own, but it is not part of the largest foreground piece).
+    lab = np.zeros((6, 30, 30), np.int32)
+    lab[1:5, 2:6, 2:8] = 1  # true class-1 part: 96 voxels
+    lab[1:5, 6:12, 2:8] = 2  # touching class 2: 144 voxels
+    lab[1:5, 18:24, 18:24] = 1  # false class-1 blob: 144 voxels
+    assert single_piece_union([lab[:, :12]]) and not single_piece_union([lab])
+    assert not single_piece_union([np.zeros_like(lab)])
+    assert not single_piece_union([(lab[:, :12] > 0).astype(np.int32)])  # one class: per-class rule
+    per_class = keep_largest(lab, [1, 2])
+    assert (per_class[1:5, 2:6, 2:8] == 0).all()  # the true part loses to the bigger blob
+    out = keep_largest(lab, [1, 2], union=True)
+    assert (out[1:5, 2:6, 2:8] == 1).all() and (out[1:5, 6:12, 2:8] == 2).all()
+    assert (out[1:5, 18:24, 18:24] == 0).all()
+    np.testing.assert_array_equal(keep_largest(lab, [], union=True), out)  # union alone
+    # A piece detached from the organ by a gap of two voxels still belongs to it; three do not.
+    near, far = lab.copy(), lab.copy()
+    near[1:5, 14:17, 2:8] = 1  # rows 12-13 empty
+    far[1:5, 15:17, 2:8] = 1  # rows 12-14 empty
+    assert (keep_largest(near, [], union=True)[1:5, 14:17, 2:8] == 1).all()
+    assert (keep_largest(far, [], union=True)[1:5, 15:17, 2:8] == 0).all()
+    # The main piece is the one holding every class, even when a one-class blob is bigger.
+    big = lab.copy()
+    big[0:6, 16:28, 16:28] = 1  # 864 voxels of class 1 alone, against the organ's 240
+    kept = keep_largest(big, [1, 2], union=True)
+    assert (kept[1:5, 2:12, 2:8] > 0).all() and (kept[:, 16:, 16:] == 0).all()
+    by_size = keep_largest(big, [1, 2], union=True, union_select="size")
+    assert (by_size[1:5, 2:12, 2:8] == 0).all() and (by_size[:, 16:28, 16:28] == 1).all()

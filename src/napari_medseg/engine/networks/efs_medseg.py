@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_medseg.engine.components import keep_largest, single_piece_classes
+from napari_medseg.engine.components import keep_largest, single_piece_classes, single_piece_union
 from napari_medseg.engine.image import ImageError
 from napari_medseg.engine.progress import Progress
 from napari_medseg.engine.registry import ModelCard, register
@@ -111,9 +111,12 @@ class EfsMedSeg(Segmenter):
             # (engine/train/volume_intensity.py class_gain); 0 = off.
             "intensity_class_gain": 0.0,
             # Keep only the largest piece of classes that are one piece in every atlas:
-            # "auto" (rule learned from the atlases), True (every class) or False.
+            # "auto" (rule learned from the atlases), True (every class) or False. Unless
+            # False, the piece holding all classes together is kept first when the atlases'
+            # foreground is one piece (single_piece_union; engine/components.py).
             "keep_largest": "auto",
             "single_piece_classes": None,  # set by training ("auto")
+            "single_piece_union": False,  # set by training; False for older checkpoints
             "latent": 0,
             "recon_weight": 1.0,
             "recon_alpha": 4.0,
@@ -174,7 +177,9 @@ class EfsMedSeg(Segmenter):
             "choice",
             "auto",
             "Keep only the largest predicted piece of a class. auto: only for classes that "
-            "are one piece in every atlas (ACDC +0.025 Dice); all: every class; off: never",
+            "are one piece in every atlas (ACDC +0.025 Dice), after keeping the one piece "
+            "that holds all structures together where the atlases' anatomy is one piece "
+            "(ACDC a further +0.02); all: every class; off: never",
             choices=("auto", True, False),
             choice_labels=("auto (as trained)", "all classes", "off"),
         ),
@@ -307,13 +312,14 @@ class EfsMedSeg(Segmenter):
     def postprocess(self, labels: np.ndarray) -> np.ndarray:
         """Apply the ``keep_largest`` rule to an (Z, Y, X) int32 label map."""
         rule = self.config.get("keep_largest", "auto")
+        union = bool(self.config.get("single_piece_union"))
         if rule is True:
             classes: list[int] = list(range(1, self.num_classes))
         elif rule == "auto":
             classes = list(self.config.get("single_piece_classes") or [])
         else:
             return labels
-        return keep_largest(labels, classes) if classes else labels
+        return keep_largest(labels, classes, union) if classes or union else labels
 
     def segment(  # type: ignore[override]
         self,
@@ -388,6 +394,7 @@ class EfsMedSeg(Segmenter):
             kernels=kernels,
             local_contrast_sigma=sigma,
             single_piece_classes=single_piece_classes([lab for _, lab in data.atlases], data.num_classes),
+            single_piece_union=single_piece_union([lab for _, lab in data.atlases]),
             tta_turns=4 if data.spatial.covers_quarter_turns(plan.target_spacing) else 1,
         )
         if rebuild:
