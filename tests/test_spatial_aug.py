@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from napari_medseg.engine.components import keep_largest, single_piece_classes, single_piece_union
 from napari_medseg.engine.train.spatial_aug import (
@@ -191,3 +192,5 @@ def test_keep_largest_union_first() -> None:
     assert (kept[1:5, 2:12, 2:8] > 0).all() and (kept[:, 16:, 16:] == 0).all()
     by_size = keep_largest(big, [1, 2], union=True, union_select="size")
     assert (by_size[1:5, 2:12, 2:8] == 0).all() and (by_size[:, 16:28, 16:28] == 1).all()
+    with pytest.raises(ValueError, match="union_select"):
+        keep_largest(big, [1, 2], union=True, union_select="biggest")

@@ -93,8 +93,10 @@ def _outside_main_piece(labels: np.ndarray, bridge: int, select: str) -> np.ndar
     counts = np.bincount(comp[fg] * k + labels[fg], minlength=(n + 1) * k).reshape(n + 1, k)[1:, 1:]
     if select == "size":
         score = counts.sum(1).astype(float)
-    else:  # "balanced": geometric mean over classes, so the piece holding every structure wins
+    elif select == "balanced":  # geometric mean over classes: the piece holding every structure
         score = np.log1p(counts).mean(1)
+    else:
+        raise ValueError(f'union_select must be "balanced" or "size", got {select!r}')
     return fg & (comp != int(np.argmax(score)) + 1)
 
 
