@@ -39,15 +39,12 @@ RULES = ("none", "per_class", "union_size_strict", "union_size", "union")
 
 def score_run(path: Path) -> dict[str, Any]:
     """Per-rule mean Dice (per class and overall) of one saved model on its test volumes."""
-    import torch
-
     import napari_medseg as nms
     from napari_medseg.engine.components import keep_largest
     from napari_medseg.engine.metrics import dice_per_class
 
     row = [r for r in json.loads(path.read_text())["rows"] if r.get("checkpoint")][0]
     ds = row["dataset"]
-    torch.manual_seed(0)
     seg = nms.load_model(row["checkpoint"], device="cpu")
     classes = list(seg.config.get("single_piece_classes") or [])
     seg.config["keep_largest"] = False

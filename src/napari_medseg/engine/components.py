@@ -32,14 +32,6 @@ def _is_single_piece(mask: np.ndarray, share: float) -> bool:
     return bool(sizes.max() >= share * sizes.sum())
 
 
-def _outside_largest(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` that are not in its largest piece (all False when it has ≤ 1)."""
-    comp, sizes = _components(mask)
-    if sizes.size <= 1:
-        return np.zeros_like(mask)
-    return mask & (comp != int(np.argmax(sizes)) + 1)
-
-
 def single_piece_classes(labels: Sequence[np.ndarray], num_classes: int, share: float = 0.95) -> list[int]:
     """Classes whose largest connected piece holds ≥ ``share`` of their voxels in every map.
 
@@ -81,8 +73,13 @@ def single_piece_union(labels: Sequence[np.ndarray], share: float = 0.95) -> boo
     return len(classes) > 1 and all(m.any() and _is_single_piece(m, share) for m in masks)
 
 
-def _outside_main_piece(labels: np.ndarray, bridge: int, select: str) -> np.ndarray:
-    """Foreground voxels of ``labels`` outside its main piece (see :func:`keep_largest`)."""
+def _outside_main_piece(labels: np.ndarray, bridge: int = 0, select: str = "size") -> np.ndarray:
+    """Foreground voxels of ``labels`` outside its main piece (all False with ≤ 1 piece).
+
+    ``labels`` is a label map or a boolean mask (one class); ``bridge`` and ``select`` as
+    ``union_bridge`` and ``union_select`` of :func:`keep_largest`. The defaults give the
+    largest piece by strict connectivity.
+    """
     fg = labels > 0
     grown = ndimage.binary_dilation(fg, np.ones((3,) * fg.ndim, bool), bridge) if bridge else fg
     comp, n = ndimage.label(grown, structure=np.ones((3,) * fg.ndim, dtype=bool))
@@ -131,5 +128,5 @@ def keep_largest(
     for c in classes:
         mask = out == c
         if mask.any():
-            out[_outside_largest(mask)] = 0
+            out[_outside_main_piece(mask)] = 0
     return out
