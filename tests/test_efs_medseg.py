@@ -22,6 +22,7 @@ from napari_medseg.engine.train.volume_geometry import plan_geometry
 from napari_medseg.engine.train.volume_intensity import (
     CLASS_GAIN_RANGE,
     GAIN_MIN,
+    bias_field,
     class_gain,
     intensity_view,
     random_curve,
@@ -363,6 +364,21 @@ def test_gain_view_darkens_within_its_range() -> None:
     assert min(means) < 0.8 * (GAIN_MIN + 0.1) and max(means) > 0.8 * 0.9
 
 
+def test_bias_field_is_smooth_positive_and_off_draws_nothing() -> None:
+    rng = np.random.default_rng(0)
+    fields = [bias_field((6, 32, 32), rng) for _ in range(20)]
+    for f in fields:
+        assert f.shape == (6, 32, 32) and f.dtype == np.float32 and (f > 0).all()
+        # Smooth: neighbouring in-plane voxels differ by a few per cent at most.
+        assert np.abs(np.diff(np.log(f), axis=2)).max() < 0.1
+    assert np.std([np.log(f).std() for f in fields]) > 0.01 and max(np.log(f).std() for f in fields) > 0.1
+    flat = np.full((1, 6, 32, 32), 0.5, dtype=np.float32)
+    a = intensity_view(flat, np.random.default_rng(5), 1.0)
+    np.testing.assert_array_equal(a, intensity_view(flat, np.random.default_rng(5), 1.0, bias_prob=0.0))
+    shaded = intensity_view(flat, np.random.default_rng(5), 1e-6, bias_prob=1.0)
+    assert shaded[0].std() > 0.02  # a flat image is no longer flat
+
+
 def test_class_gain_scales_each_structure_and_leaves_the_background() -> None:
     img = np.full((1, 3, 32, 32), 0.6, dtype=np.float32)
     lab = np.zeros((3, 32, 32), dtype=np.int64)
@@ -383,6 +399,19 @@ def test_class_gain_scales_each_structure_and_leaves_the_background() -> None:
     # The sampler draws nothing for it at 0, so default batches are unchanged (tested above for
     # the other options); the config key exists with that default.
     assert segmenter_class("efs-medseg").default_config()["intensity_class_gain"] == 0.0
+
+
+def test_slice_shift_and_bias_options_reach_the_sampler_and_are_off_by_default() -> None:
+    from napari_medseg.engine.train.options import TrainOptions
+    from napari_medseg.engine.train.volume_data import VolumeData
+
+    cfg = segmenter_class("efs-medseg").default_config()
+    (i1, l1), (i2, l2) = phantom(0), phantom(1)
+    seg = nms.load_model("efs-medseg", **TINY, spatial_slice_shift=2.5, intensity_bias=0.4)
+    data = VolumeData.from_arrays(seg, [i1, i2], [l1, l2], None, TrainOptions(steps=1, augment="strong"))
+    assert data.spatial.slice_shift == 2.5 and data.bias_prob == 0.4
+    # Off by default: neither helped held-out ACDC (docs/models/efs-medseg.md, Benchmarks).
+    assert cfg["spatial_slice_shift"] == 0.0 and cfg["intensity_bias"] == 0.0
 
 
 def test_contraction_option_reaches_the_sampler_and_is_off_by_default() -> None:

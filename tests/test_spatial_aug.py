@@ -110,6 +110,30 @@ def test_elastic_field_is_smooth_in_plane_and_keeps_labels_on_their_image() -> N
     assert (np.round(out[0] / 0.1).astype(int) == olab).mean() > 0.75  # ... together
 
 
+def test_slice_shift_moves_each_thick_slice_as_a_whole_with_its_labels() -> None:
+    img, lab = _blocky(6, (16, 48, 48))
+    spacing, patch = (10.0, 1.5, 1.5), (8, 24, 24)
+    opts = SpatialOptions(slice_shift=3.0)
+    field = random_field(patch, spacing, np.random.default_rng(1), opts)
+    assert field is not None and field.shape == (*patch, 3)
+    np.testing.assert_allclose(field[..., 0], 0.0)  # no through-plane shift
+    # One in-plane shift per slice: constant within a slice, different between slices.
+    np.testing.assert_allclose(field[..., 1:], np.broadcast_to(field[:, :1, :1, 1:], field[..., 1:].shape))
+    assert field[:, 0, 0, 1:].std() > 1.0
+    out, olab = warp_patch(img, lab, [8, 24, 24], patch, spacing, np.eye(3), field)
+    plain, plab = warp_patch(img, lab, [8, 24, 24], patch, spacing, np.eye(3))
+    assert (olab != plab).mean() > 0.05
+    assert (np.round(out[0] / 0.1).astype(int) == olab).mean() > 0.75
+    # Near-isotropic volumes have no slices to misalign: no field at all.
+    assert random_field(patch, (1.0, 1.0, 1.0), np.random.default_rng(1), opts) is None
+    # With the elastic part too, its draws come first, so elastic-only runs are unchanged.
+    with_shift = SpatialOptions(elastic=3.0, slice_shift=3.0)
+    both = random_field(patch, spacing, np.random.default_rng(2), with_shift)
+    alone = random_field(patch, spacing, np.random.default_rng(2), SpatialOptions(elastic=3.0))
+    assert both is not None and alone is not None
+    np.testing.assert_allclose((both - alone)[..., 1:].std(axis=(1, 2)).max(), 0.0, atol=1e-9)
+
+
 def _heart(shape=(6, 64, 64), cavity=12.0, wall=4.0):
     """A disc (3, 'cavity') inside a ring (2, 'wall') on every slice; image codes 0.1 * label."""
     yy, xx = np.mgrid[: shape[1], : shape[2]]

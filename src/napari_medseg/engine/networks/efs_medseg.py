@@ -99,6 +99,7 @@ class EfsMedSeg(Segmenter):
             "spatial_scale": [0.7, 1.4],
             "spatial_stretch": 0.0,  # per-axis zoom log-ratio (0 = isotropic zoom)
             "spatial_elastic": 0.0,  # elastic displacement SD in mm (0 = off)
+            "spatial_slice_shift": 0.0,  # per-slice in-plane shift SD in mm, thick slices (0 = off)
             "spatial_contract": 0.0,  # share of atlas patches contracted about a structure (0 = off)
             "spatial_contract_strength": 0.6,
             # Share of training views that first get a random monotone intensity curve
@@ -107,6 +108,9 @@ class EfsMedSeg(Segmenter):
             # Share of training views darkened by a random gain in [0.4, 1]
             # (engine/train/volume_intensity.py intensity_view); 0 = off.
             "intensity_gain": 0.0,
+            # Share of training views multiplied by a smooth random bias field (coil shading,
+            # engine/train/volume_intensity.py bias_field); 0 = off.
+            "intensity_bias": 0.0,
             # Share of atlas patches whose labeled structures get their own random gains
             # (engine/train/volume_intensity.py class_gain); 0 = off.
             "intensity_class_gain": 0.0,

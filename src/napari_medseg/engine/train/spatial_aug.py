@@ -52,6 +52,9 @@ class SpatialOptions:
         elastic: Standard deviation (mm) of the elastic displacement at each control point
             (0 = none); anisotropic volumes are displaced in plane only.
         elastic_grid: Distance (mm) between elastic control points.
+        slice_shift: Standard deviation (mm) of an independent in-plane shift of every slice
+            of anisotropic volumes (0 = none): the breath-hold misalignment of cine stacks,
+            whose slices are acquired one breath-hold at a time.
         contract: Probability that an atlas patch is contracted about one of its labeled
             structures (:func:`contract_patch`; 0 = never).
         contract_strength: Largest contraction ``a`` (drawn uniformly in [0, a]); the source
@@ -66,6 +69,7 @@ class SpatialOptions:
     stretch: float = 0.0
     elastic: float = 0.0
     elastic_grid: float = 30.0
+    slice_shift: float = 0.0
     contract: float = 0.0
     contract_strength: float = 0.6
 
@@ -114,29 +118,41 @@ def random_matrix(spacing: Sequence[float], rng: np.random.Generator, opts: Spat
 def random_field(
     patch: Sequence[int], spacing: Sequence[float], rng: np.random.Generator, opts: SpatialOptions
 ) -> np.ndarray | None:
-    """A smooth random displacement (mm) for every output voxel, or ``None`` when off.
+    """A random displacement (mm) for every output voxel, or ``None`` when off.
+
+    Two parts, each off at 0: a smooth elastic displacement (Gaussian values on a coarse lattice
+    of control points, interpolated) and, for anisotropic volumes only, one random in-plane
+    shift per slice (constant within the slice; slices of a cine stack are misaligned by the
+    breath-holds between them, never warped within themselves).
 
     Args:
         patch: (Z, Y, X) output size.
         spacing: (z, y, x) voxel spacing (mm).
         rng: Random source.
-        opts: ``elastic`` (mm) and ``elastic_grid`` (mm) set the amplitude and smoothness.
+        opts: ``elastic`` (mm) and ``elastic_grid`` (mm) set the elastic amplitude and
+            smoothness; ``slice_shift`` (mm) the per-slice shift's standard deviation.
 
     Returns:
         (Z, Y, X, 3) float64 displacements in mm, (z, y, x) order, added to the output offsets
         before the matrix.
     """
-    if opts.elastic <= 0:
+    shift = opts.slice_shift > 0 and opts.inplane_only(spacing)
+    if opts.elastic <= 0 and not shift:
         return None
-    sp = np.asarray(spacing, float)
-    extent = np.asarray(patch, float) * sp
-    nodes = [max(2, int(math.ceil(e / opts.elastic_grid)) + 1) for e in extent]
-    coarse = rng.normal(0.0, opts.elastic, size=(3, *nodes))
-    if opts.inplane_only(spacing):
-        coarse[0] = 0.0  # thick slices: no through-plane displacement
-    t = torch.from_numpy(coarse.astype(np.float32))[None]
-    fine = F.interpolate(t, size=tuple(int(p) for p in patch), mode="trilinear", align_corners=True)[0]
-    return np.moveaxis(fine.numpy().astype(np.float64), 0, -1)
+    field = np.zeros((*(int(p) for p in patch), 3))
+    if opts.elastic > 0:
+        sp = np.asarray(spacing, float)
+        extent = np.asarray(patch, float) * sp
+        nodes = [max(2, int(math.ceil(e / opts.elastic_grid)) + 1) for e in extent]
+        coarse = rng.normal(0.0, opts.elastic, size=(3, *nodes))
+        if opts.inplane_only(spacing):
+            coarse[0] = 0.0  # thick slices: no through-plane displacement
+        t = torch.from_numpy(coarse.astype(np.float32))[None]
+        fine = F.interpolate(t, size=tuple(int(p) for p in patch), mode="trilinear", align_corners=True)[0]
+        field += np.moveaxis(fine.numpy().astype(np.float64), 0, -1)
+    if shift:
+        field[..., 1:] += rng.normal(0.0, opts.slice_shift, size=(int(patch[0]), 1, 1, 2))
+    return field
 
 
 def warp_patch(

@@ -83,6 +83,7 @@ class VolumeData:
         strength: Intensity augmentation strength (0: none).
         curve_prob: Share of views that first get a random monotone intensity curve.
         gain_prob: Share of views darkened by a random gain (see :func:`intensity_view`).
+        bias_prob: Share of views multiplied by a smooth random bias field.
         class_gain_prob: Share of atlas patches whose structures get their own gains
             (:func:`class_gain`), before both views are made.
         fg_prob: Probability that a patch is centred on a labeled voxel.
@@ -105,6 +106,7 @@ class VolumeData:
     strength: float = 1.0
     curve_prob: float = 0.0
     gain_prob: float = 0.0
+    bias_prob: float = 0.0
     class_gain_prob: float = 0.0
     fg_prob: float = 0.5
     copy_paste: bool = False
@@ -228,6 +230,7 @@ class VolumeData:
                 scale=tuple(cfg.get("spatial_scale", (0.7, 1.4))),  # type: ignore[arg-type]
                 stretch=float(cfg.get("spatial_stretch", 0.0)),
                 elastic=float(cfg.get("spatial_elastic", 0.0)),
+                slice_shift=float(cfg.get("spatial_slice_shift", 0.0)),
                 contract=float(cfg.get("spatial_contract", 0.0)) if options.augment != "none" else 0.0,
                 contract_strength=float(cfg.get("spatial_contract_strength", 0.6)),
             ),
@@ -235,6 +238,7 @@ class VolumeData:
             strength=VIEW_STRENGTH[options.augment],
             curve_prob=float(cfg.get("intensity_curve", 0.0)),
             gain_prob=float(cfg.get("intensity_gain", 0.0)),
+            bias_prob=float(cfg.get("intensity_bias", 0.0)),
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
             fg_prob=float(cfg.get("patch_fg_prob", 0.5)),
             copy_paste=float(cfg.get("copy_paste_weight", 0.0)) > 0,
@@ -308,6 +312,10 @@ class VolumeData:
         image, label, _ = random_switch(a, b, rng, self.switch)  # type: ignore[arg-type]
         return image, label
 
+    def _view(self, image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+        """One random intensity view of a (C, *P) patch with this sampler's options."""
+        return intensity_view(image, rng, strength, self.curve_prob, self.gain_prob, self.bias_prob)
+
     def sample_batch(self, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         """A batch of patches.
 
@@ -325,8 +333,8 @@ class VolumeData:
                 img, lab = contract_patch(img, lab, self.plan.target_spacing, rng, self.spatial)
             if self.class_gain_prob > 0 and rng.random() < self.class_gain_prob:
                 img = class_gain(img, lab, rng)  # no draw at 0: runs without it are unchanged
-            views1.append(intensity_view(img, rng, self.strength, self.curve_prob, self.gain_prob))
-            views2.append(intensity_view(img, rng, max(self.strength, 0.5), self.curve_prob, self.gain_prob))
+            views1.append(self._view(img, rng, self.strength))
+            views2.append(self._view(img, rng, max(self.strength, 0.5)))
             labels.append(lab)
         out = {
             "image": torch.from_numpy(np.stack(views1)),
@@ -338,10 +346,8 @@ class VolumeData:
             for _ in range(self.unlabeled_per_batch):
                 vol = self.unlabeled[int(rng.integers(len(self.unlabeled)))]
                 patch = self._read(vol, None, self._start(vol.shape[1:], rng, None), self._warp(rng))[0]
-                u1.append(intensity_view(patch, rng, self.strength, self.curve_prob, self.gain_prob))
-                u2.append(
-                    intensity_view(patch, rng, max(self.strength, 0.5), self.curve_prob, self.gain_prob)
-                )
+                u1.append(self._view(patch, rng, self.strength))
+                u2.append(self._view(patch, rng, max(self.strength, 0.5)))
             out["u_image"], out["u_image2"] = torch.from_numpy(np.stack(u1)), torch.from_numpy(np.stack(u2))
             if self.copy_paste:  # no draw while off, so runs without it are unchanged
                 masks = [region_mask(self.plan.patch, rng, self.switch) for _ in u1]

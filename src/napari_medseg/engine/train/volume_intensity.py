@@ -23,6 +23,27 @@ def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) ->
 
 
 GAIN_MIN = 0.4  # darkest gain of the gain augmentation (see intensity_view)
+BIAS_LOG_SD = 0.3  # SD of the log bias field at its control points (see bias_field)
+
+
+def bias_field(shape: tuple[int, ...], rng: np.random.Generator, log_sd: float = BIAS_LOG_SD) -> np.ndarray:
+    """A smooth random multiplicative field for a (Z, Y, X) patch, around 1.
+
+    MRI receive coils leave a slowly varying gain over the image (bright near a surface coil,
+    darker deeper in the body); the 0.5-99.5 percentile scaling does not remove it. The log
+    field is Gaussian on a 3 × 3 lattice in plane (2 nodes through the slices), interpolated
+    linearly over the patch, so it changes brightness over the heart's scale, not within a
+    structure's edge.
+
+    Returns:
+        (Z, Y, X) float32 gains, exp of the interpolated log field.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    coarse = torch.from_numpy(rng.normal(0.0, log_sd, size=(1, 1, 2, 3, 3)).astype(np.float32))
+    fine = F.interpolate(coarse, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)
+    return np.exp(fine[0, 0].numpy())
 
 
 # Intensity-view strength per augment preset; "paper" (HF-SAM's 2-D views) has no 3-D meaning.
@@ -64,6 +85,7 @@ def intensity_view(
     strength: float,
     curve_prob: float = 0.0,
     gain_prob: float = 0.0,
+    bias_prob: float = 0.0,
 ) -> np.ndarray:
     """Random gamma, contrast, brightness and noise on a (C, Z, Y, X) image in [0, 1].
 
@@ -71,8 +93,9 @@ def intensity_view(
     ``gain_prob`` the view is multiplied by a log-uniform gain in [``GAIN_MIN``, 1]: the
     0.5-99.5 percentile scaling of MRI anchors its top on the brightest tissue, and a scan
     with much bright fat puts the blood pool at 0.3 instead of 0.7-0.85 (the upper
-    percentile / blood-pool ratio ranges 1.1-3.1 over the ACDC volumes). No draw happens for
-    an option at 0, so runs without it are unchanged.
+    percentile / blood-pool ratio ranges 1.1-3.1 over the ACDC volumes). With probability
+    ``bias_prob`` a smooth :func:`bias_field` multiplies it next. No draw happens for an
+    option at 0, so runs without it are unchanged.
     """
     if strength <= 0:
         return image
@@ -80,6 +103,8 @@ def intensity_view(
         image = random_curve(image, rng)
     if gain_prob > 0 and rng.random() < gain_prob:
         image = image * np.float32(np.exp(rng.uniform(np.log(GAIN_MIN), 0.0)))
+    if bias_prob > 0 and rng.random() < bias_prob:
+        image = image * bias_field(image.shape[1:], rng)[None]
     x = np.clip(image, 0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4) * strength))
     x = x * rng.uniform(1 - 0.15 * strength, 1 + 0.15 * strength) + rng.uniform(-0.1, 0.1) * strength
     x = x + rng.normal(0, 0.03 * strength * rng.random(), x.shape)
