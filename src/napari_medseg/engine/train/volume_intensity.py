@@ -1,13 +1,16 @@
 """Intensity augmentation of 3-D training patches (C, Z, Y, X) in [0, 1].
 
 The two intensity views of every patch (:func:`intensity_view`, optionally after a random
-monotone curve or a gain), and the label-guided per-structure gain (:func:`class_gain`).
+monotone curve, a gain or a smooth bias field), and the label-guided per-structure gain
+(:func:`class_gain`).
 Used by the patch sampler in volume_data.py.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) -> np.ndarray:
@@ -38,9 +41,6 @@ def bias_field(shape: tuple[int, ...], rng: np.random.Generator, log_sd: float =
     Returns:
         (Z, Y, X) float32 gains, exp of the interpolated log field.
     """
-    import torch
-    import torch.nn.functional as F
-
     coarse = torch.from_numpy(rng.normal(0.0, log_sd, size=(1, 1, 2, 3, 3)).astype(np.float32))
     fine = F.interpolate(coarse, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)
     return np.exp(fine[0, 0].numpy())
