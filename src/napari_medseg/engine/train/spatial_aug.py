@@ -115,6 +115,18 @@ def random_matrix(spacing: Sequence[float], rng: np.random.Generator, opts: Spat
     return r @ np.diag(1.0 / per_axis) / zoom
 
 
+def interpolate_lattice(coarse: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Trilinear interpolation of (C, z, y, x) lattice values onto a (C, *size) grid.
+
+    The lattice's corner nodes sit on the grid's corner voxels (``align_corners``), so random
+    values drawn on a few nodes become a smooth field over the whole patch (the elastic
+    displacement here, the bias field in volume_intensity.py).
+    """
+    t = torch.from_numpy(np.ascontiguousarray(coarse, np.float32))[None]
+    fine = F.interpolate(t, size=tuple(int(n) for n in size), mode="trilinear", align_corners=True)
+    return fine[0].numpy()
+
+
 def random_field(
     patch: Sequence[int], spacing: Sequence[float], rng: np.random.Generator, opts: SpatialOptions
 ) -> np.ndarray | None:
@@ -147,9 +159,7 @@ def random_field(
         coarse = rng.normal(0.0, opts.elastic, size=(3, *nodes))
         if opts.inplane_only(spacing):
             coarse[0] = 0.0  # thick slices: no through-plane displacement
-        t = torch.from_numpy(coarse.astype(np.float32))[None]
-        fine = F.interpolate(t, size=tuple(int(p) for p in patch), mode="trilinear", align_corners=True)[0]
-        field += np.moveaxis(fine.numpy().astype(np.float64), 0, -1)
+        field += np.moveaxis(interpolate_lattice(coarse, patch).astype(np.float64), 0, -1)
     if shift:
         field[..., 1:] += rng.normal(0.0, opts.slice_shift, size=(int(patch[0]), 1, 1, 2))
     return field

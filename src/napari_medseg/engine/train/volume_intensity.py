@@ -9,8 +9,8 @@ Used by the patch sampler in volume_data.py.
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from napari_medseg.engine.train.spatial_aug import interpolate_lattice
 
 
 def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) -> np.ndarray:
@@ -41,9 +41,7 @@ def bias_field(shape: tuple[int, ...], rng: np.random.Generator, log_sd: float =
     Returns:
         (Z, Y, X) float32 gains, exp of the interpolated log field.
     """
-    coarse = torch.from_numpy(rng.normal(0.0, log_sd, size=(1, 1, 2, 3, 3)).astype(np.float32))
-    fine = F.interpolate(coarse, size=tuple(int(n) for n in shape), mode="trilinear", align_corners=True)
-    return np.exp(fine[0, 0].numpy())
+    return np.exp(interpolate_lattice(rng.normal(0.0, log_sd, size=(1, 2, 3, 3)), shape)[0])
 
 
 # Intensity-view strength per augment preset; "paper" (HF-SAM's 2-D views) has no 3-D meaning.
