@@ -34,7 +34,7 @@ def _rows_and_col(label: np.ndarray) -> tuple[float, float, float] | None:
     return float(one[:, 0].mean()), float(two[:, 0].mean()), float(np.argwhere(label > 0)[:, 1].mean())
 
 
-@pytest.mark.parametrize("preset", ["light", "default", "strong", "paper"])
+@pytest.mark.parametrize("preset", ["light", "default", "shift", "strong", "paper"])
 def test_upright_views_keep_the_top_on_top(preset):
     image, label = _stacked_pair()
     views = {}
@@ -71,6 +71,27 @@ def test_paper_views_keep_labels_on_their_image(view):
         assert im.shape == stacked.shape and lab.shape == mask.shape and lab.dtype == mask.dtype
         agree = np.mean((im[0] > 0.5) == (lab > 0))
         assert agree > 0.97
+
+
+def test_shift_preset_moves_objects_with_their_labels():
+    image, label = disc_image(size=64, radius=8.0, center=(32.0, 32.0))
+    mask = label.astype(np.int64)
+    stacked = np.repeat(mask[None].astype(np.float32), 3, axis=0)  # the image *is* the mask
+    centres = {}
+    for preset in ("default", "shift"):
+        rng = np.random.default_rng(5)
+        found = []
+        for _ in range(60):
+            im, lab = apply_chain(generic_transforms(preset, "upright"), stacked, mask, rng)
+            assert np.mean((im[0] > 0.5) == (lab > 0)) > 0.97  # the label moves with its object
+            if lab.any():
+                found.append(np.argwhere(lab > 0).mean(0))
+        centres[preset] = np.array(found)
+    # The default chain turns and zooms about the centre only: the disc stays centred.
+    assert np.abs(centres["default"] - 31.5).max() < 1.5
+    # The shift preset moves it by up to 20 % of the side, times the zoom (≤ 1.25): 16 px.
+    spread = np.abs(centres["shift"] - 31.5).max(0)
+    assert (spread > 6).all() and (spread < 17).all()
 
 
 def test_crop_zoom_magnifies_and_whole_window_is_identity():

@@ -61,8 +61,14 @@ def affine(
     return img[0].numpy(), lab[0, 0].numpy().astype(label.dtype)
 
 
-def make_random_affine(max_angle: float, scale_range: tuple[float, float], p: float) -> Transform:
-    """A transform applying :func:`affine` with probability ``p``."""
+def make_random_affine(
+    max_angle: float, scale_range: tuple[float, float], p: float, max_shift: float = 0.0
+) -> Transform:
+    """A transform applying :func:`affine` with probability ``p``.
+
+    ``max_shift`` > 0 also translates by up to that share of each side (uniform, times the
+    zoom), so an object is seen away from where the few training images happen to show it.
+    """
 
     def apply(
         image: np.ndarray, label: np.ndarray, rng: np.random.Generator
@@ -71,7 +77,10 @@ def make_random_affine(max_angle: float, scale_range: tuple[float, float], p: fl
             return image, label
         angle = float(rng.uniform(-max_angle, max_angle))
         scale = float(np.exp(rng.uniform(*np.log(scale_range))))
-        return affine(image, label, angle, scale)
+        if max_shift <= 0:
+            return affine(image, label, angle, scale)  # no draw: the same stream as before
+        dy, dx = (float(v) for v in rng.uniform(-max_shift, max_shift, 2))
+        return affine(image, label, angle, scale, (dy, dx))
 
     return apply
 
@@ -156,6 +165,8 @@ PRESETS: dict[str, tuple[float, tuple[float, float], float, float]] = {
     "default": (25.0, (0.8, 1.25), 0.5, 0.2),
     "strong": (40.0, (0.7, 1.4), 0.7, 0.3),
 }
+# Presets that also translate: name → (base preset, largest shift as a share of each side).
+SHIFTED: dict[str, tuple[str, float]] = {"shift": ("default", 0.2)}
 
 
 def generic_transforms(preset: str, orientation: str = "any") -> list[Transform]:
@@ -169,8 +180,9 @@ def generic_transforms(preset: str, orientation: str = "any") -> list[Transform]
     first = flip_lr if orientation == "upright" else flip_rot90
     if preset == "paper":
         return [first, sam_paper_transform]
-    angle, scales, p, strength = PRESETS[preset]
-    return [first, make_random_affine(angle, scales, p), make_intensity(strength)]
+    base, shift = SHIFTED.get(preset, (preset, 0.0))
+    angle, scales, p, strength = PRESETS[base]
+    return [first, make_random_affine(angle, scales, p, shift), make_intensity(strength)]
 
 
 def apply_chain(

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-AUGMENT_PRESETS = ("none", "light", "default", "strong", "paper")
+AUGMENT_PRESETS = ("none", "light", "default", "shift", "strong", "paper")
 ORIENTATIONS = ("auto", "any", "upright")
 
 
@@ -27,8 +27,9 @@ class TrainOptions:
         weight_decay: Weight decay.
         batch_size: Samples per step (per process under torchrun).
         crop_size: Training crop side (2-D) or edge (3-D); 0 = the network's input size.
-        augment: ``"none"``, ``"light"``, ``"default"``, ``"strong"`` or ``"paper"`` (HF-SAM's
-            own views: one of a ±20° turn, a zoomed crop or an elastic warp).
+        augment: ``"none"``, ``"light"``, ``"default"``, ``"shift"`` (default plus a random
+            translation of up to 20 % of each side, 2-D only), ``"strong"`` or ``"paper"``
+            (HF-SAM's own views: one of a ±20° turn, a zoomed crop or an elastic warp).
         orientation: Which orientations 2-D training views take. ``"any"``: the eight quarter
             turns and flips (endoscopy, dermoscopy, microscopy: no side is up);
             ``"upright"``: left-right flips only, the top stays the top (ultrasound, where the
