@@ -26,6 +26,7 @@ from napari_medseg.engine.train.volume_intensity import (
     class_gain,
     intensity_view,
     random_curve,
+    random_network,
 )
 from napari_medseg.models.efs_medseg import EfsMedSegNet
 from napari_medseg.models.efs_medseg_losses import (
@@ -377,6 +378,27 @@ def test_bias_field_is_smooth_positive_and_off_draws_nothing() -> None:
     np.testing.assert_array_equal(a, intensity_view(flat, np.random.default_rng(5), 1.0, bias_prob=0.0))
     shaded = intensity_view(flat, np.random.default_rng(5), 1e-6, bias_prob=1.0)
     assert shaded[0].std() > 0.02  # a flat image is no longer flat
+
+
+def test_random_network_view_keeps_edges_can_reorder_and_off_draws_nothing() -> None:
+    # Two flat regions (0.2 | 0.8) split down the middle: a random network of in-plane
+    # convolutions keeps every flat area flat away from the edge (labels still fit), stays in
+    # [0, 1], and over a few draws puts the dark region above the bright one at least once.
+    img = np.full((1, 2, 16, 16), 0.2, dtype=np.float32)
+    img[..., 8:] = 0.8
+    rng = np.random.default_rng(0)
+    reordered = 0
+    for _ in range(30):
+        out = random_network(img, rng)
+        assert out.shape == img.shape and out.dtype == np.float32
+        assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6
+        left, right = out[0, :, 2:14, 1:5], out[0, :, 2:14, 11:15]
+        assert np.ptp(left) < 1e-5 and np.ptp(right) < 1e-5
+        reordered += int(left.mean() > right.mean() + 1e-3)
+    assert 0 < reordered < 30
+    a = intensity_view(img, np.random.default_rng(3), 1.0)
+    np.testing.assert_array_equal(a, intensity_view(img, np.random.default_rng(3), 1.0, network_prob=0.0))
+    assert not np.array_equal(a, intensity_view(img, np.random.default_rng(3), 1.0, network_prob=1.0))
 
 
 def test_class_gain_scales_each_structure_and_leaves_the_background() -> None:

@@ -111,6 +111,9 @@ class EfsMedSeg(Segmenter):
             # Share of training views multiplied by a smooth random bias field (coil shading,
             # engine/train/volume_intensity.py bias_field); 0 = off.
             "intensity_bias": 0.0,
+            # Share of training views first passed through a random shallow network (GIN,
+            # engine/train/volume_intensity.py random_network); 0 = off.
+            "intensity_network": 0.0,
             # Share of atlas patches whose labeled structures get their own random gains
             # (engine/train/volume_intensity.py class_gain); 0 = off.
             "intensity_class_gain": 0.0,

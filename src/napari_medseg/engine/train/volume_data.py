@@ -84,6 +84,8 @@ class VolumeData:
         curve_prob: Share of views that first get a random monotone intensity curve.
         gain_prob: Share of views darkened by a random gain (see :func:`intensity_view`).
         bias_prob: Share of views multiplied by a smooth random bias field.
+        network_prob: Share of views passed through a random shallow network first
+            (:func:`random_network`).
         class_gain_prob: Share of atlas patches whose structures get their own gains
             (:func:`class_gain`), before both views are made.
         fg_prob: Probability that a patch is centred on a labeled voxel.
@@ -107,6 +109,7 @@ class VolumeData:
     curve_prob: float = 0.0
     gain_prob: float = 0.0
     bias_prob: float = 0.0
+    network_prob: float = 0.0
     class_gain_prob: float = 0.0
     fg_prob: float = 0.5
     copy_paste: bool = False
@@ -239,6 +242,7 @@ class VolumeData:
             curve_prob=float(cfg.get("intensity_curve", 0.0)),
             gain_prob=float(cfg.get("intensity_gain", 0.0)),
             bias_prob=float(cfg.get("intensity_bias", 0.0)),
+            network_prob=float(cfg.get("intensity_network", 0.0)),
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
             fg_prob=float(cfg.get("patch_fg_prob", 0.5)),
             copy_paste=float(cfg.get("copy_paste_weight", 0.0)) > 0,
@@ -314,7 +318,9 @@ class VolumeData:
 
     def _view(self, image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
         """One random intensity view of a (C, *P) patch with this sampler's options."""
-        return intensity_view(image, rng, strength, self.curve_prob, self.gain_prob, self.bias_prob)
+        return intensity_view(
+            image, rng, strength, self.curve_prob, self.gain_prob, self.bias_prob, self.network_prob
+        )
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
         """A batch of patches.

@@ -1,8 +1,8 @@
 """Intensity augmentation of 3-D training patches (C, Z, Y, X) in [0, 1].
 
 The two intensity views of every patch (:func:`intensity_view`, optionally after a random
-monotone curve, a gain or a smooth bias field), and the label-guided per-structure gain
-(:func:`class_gain`).
+shallow network, a random monotone curve, a gain or a smooth bias field), and the
+label-guided per-structure gain (:func:`class_gain`).
 Used by the patch sampler in volume_data.py.
 """
 
@@ -23,6 +23,41 @@ def random_curve(image: np.ndarray, rng: np.random.Generator, knots: int = 3) ->
     xs = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, knots)), [1.0]])
     ys = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, knots)), [1.0]])
     return np.interp(np.clip(image, 0, 1), xs, ys).astype(np.float32)
+
+
+def random_network(
+    image: np.ndarray, rng: np.random.Generator, width: int = 2, layers: int = 3
+) -> np.ndarray:
+    """Pass a (C, Z, Y, X) image in [0, 1] through a random shallow network, mixed with itself.
+
+    Global intensity non-linear augmentation (GIN, Ouyang et al., "Causality-inspired
+    single-source domain generalization for medical image segmentation", IEEE TMI 2022):
+    ``layers`` in-plane convolutions (kernel 1 × k × k, k drawn from {1, 3} per layer, weights
+    N(0, 1), ``width`` channels) with leaky ReLU between them; the output is rescaled to
+    [0, 1] and mixed with the input by a uniform weight. Unlike a curve it can reorder
+    intensities (a blood pool darker than the myocardium) and change local texture, while
+    every edge stays where it was, so the labels still fit.
+
+    Returns:
+        (C, Z, Y, X) float32 in [0, 1].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    channels = [x.shape[1]] + [width] * (layers - 1) + [x.shape[1]]
+    for i in range(layers):
+        k = int(rng.choice([1, 3]))
+        w = torch.from_numpy(rng.normal(0.0, 1.0, (channels[i + 1], channels[i], 1, k, k)).astype(np.float32))
+        # Edge padding: zero padding would draw a false edge along the patch border.
+        x = F.conv3d(F.pad(x, (k // 2, k // 2, k // 2, k // 2, 0, 0), mode="replicate"), w)
+        if i < layers - 1:
+            x = F.leaky_relu(x, 0.2)
+    out = x[0].numpy()
+    lo, hi = float(out.min()), float(out.max())
+    out = (out - lo) / max(hi - lo, 1e-6)
+    alpha = np.float32(rng.uniform(0.0, 1.0))
+    return (alpha * out + (1 - alpha) * image).astype(np.float32)
 
 
 GAIN_MIN = 0.4  # darkest gain of the gain augmentation (see intensity_view)
@@ -84,10 +119,12 @@ def intensity_view(
     curve_prob: float = 0.0,
     gain_prob: float = 0.0,
     bias_prob: float = 0.0,
+    network_prob: float = 0.0,
 ) -> np.ndarray:
     """Random gamma, contrast, brightness and noise on a (C, Z, Y, X) image in [0, 1].
 
-    With probability ``curve_prob`` a :func:`random_curve` comes first, then with probability
+    With probability ``network_prob`` a :func:`random_network` comes first; with probability
+    ``curve_prob`` a :func:`random_curve` next, then with probability
     ``gain_prob`` the view is multiplied by a log-uniform gain in [``GAIN_MIN``, 1]: the
     0.5-99.5 percentile scaling of MRI anchors its top on the brightest tissue, and a scan
     with much bright fat puts the blood pool at 0.3 instead of 0.7-0.85 (the upper
@@ -97,6 +134,8 @@ def intensity_view(
     """
     if strength <= 0:
         return image
+    if network_prob > 0 and rng.random() < network_prob:
+        image = random_network(image, rng)
     if curve_prob > 0 and rng.random() < curve_prob:
         image = random_curve(image, rng)
     if gain_prob > 0 and rng.random() < gain_prob:
