@@ -9,6 +9,8 @@ Used by the patch sampler in volume_data.py.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from napari_medseg.engine.train.spatial_aug import interpolate_lattice
 
@@ -41,9 +43,6 @@ def random_network(
     Returns:
         (C, Z, Y, X) float32 in [0, 1].
     """
-    import torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     channels = [x.shape[1]] + [width] * (layers - 1) + [x.shape[1]]
     for i in range(layers):
