@@ -23,7 +23,7 @@ from napari_medseg.engine.registry import ModelCard, register
 from napari_medseg.engine.run_options import RunOption
 from napari_medseg.engine.runner import drain, resize, sliding_window
 from napari_medseg.engine.segmenter import Segmenter
-from napari_medseg.engine.train.volume_geometry import conv_kernels
+from napari_medseg.engine.train.volume_geometry import conv_kernels, is_unit
 from napari_medseg.engine.tta import resolve_views
 from napari_medseg.models.efs_medseg import EfsMedSegNet, default_pools
 
@@ -78,6 +78,9 @@ class EfsMedSeg(Segmenter):
             "patch_size": None,
             "pools": None,
             "spacing": None,  # default spacing of input volumes when segment() gets none
+            # Used instead of a stated (1, 1, 1) (a file without voxel size) when training found
+            # such atlases anisotropic (volume_geometry.assume_spacing); None = take it as stated.
+            "assumed_spacing": None,
             "overlap": 0.25,
             # In-plane quarter turns averaged at inference (1 = off, 2 or 4). "auto": 4 when
             # training rotated patches in plane by 90° or more (anisotropic data), else 1.
@@ -295,6 +298,8 @@ class EfsMedSeg(Segmenter):
         src = tuple(float(s) for s in (spacing or self.config.get("spacing") or (1.0, 1.0, 1.0)))
         if len(src) != 3 or min(src) <= 0:
             raise ValueError(f"spacing must be three positive numbers (z, y, x), got {spacing}")
+        if self.config.get("assumed_spacing") and is_unit(src):
+            src = tuple(float(v) for v in self.config["assumed_spacing"])  # as in training
         target = tuple(self.config.get("target_spacing") or src)
         work = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(prep.spatial_shape, src, target))
         self.module.eval()
@@ -342,7 +347,9 @@ class EfsMedSeg(Segmenter):
             channel_axis: Channel axis, if any (grey volumes have none).
             allow_untrained: Run with random weights (tests).
             spacing: Voxel spacing (z, y, x), e.g. the napari layer's scale or NIfTI zooms
-                reversed; ``None`` = ``config["spacing"]`` or 1 mm isotropic.
+                reversed; ``None`` = ``config["spacing"]`` or 1 mm isotropic. A stated
+                (1, 1, 1) becomes ``config["assumed_spacing"]`` when training assumed one
+                (atlases without voxel size that looked anisotropic).
 
         Returns:
             int32 class ids of shape (Z, Y, X).
@@ -403,6 +410,7 @@ class EfsMedSeg(Segmenter):
             single_piece_classes=single_piece_classes([lab for _, lab in data.atlases], data.num_classes),
             single_piece_union=single_piece_union([lab for _, lab in data.atlases]),
             tta_turns=4 if data.spatial.covers_quarter_turns(plan.target_spacing) else 1,
+            assumed_spacing=list(data.assumed_spacing) if data.assumed_spacing else None,
         )
         if rebuild:
             self.module = self.build_module().to(self.device)

@@ -33,6 +33,8 @@ from napari_medseg.engine.train.spatial_aug import (
 from napari_medseg.engine.train.volume_geometry import (
     Plan,
     Spacing,
+    assume_spacing,
+    is_unit,
     pad_to,
     plan_geometry,
     resample,
@@ -91,6 +93,8 @@ class VolumeData:
         fg_prob: Probability that a patch is centred on a labeled voxel.
         copy_paste: Also draw a cuboid mask (``cp_mask``) and a direction (``cp_dir``) per
             unlabeled patch for the atlas↔unlabeled copy-paste term.
+        assumed_spacing: (z, y, x) used for volumes given as 1 mm everywhere that look
+            anisotropic (:func:`assume_spacing`), or None.
         note: Remark for the user.
     """
 
@@ -113,6 +117,7 @@ class VolumeData:
     class_gain_prob: float = 0.0
     fg_prob: float = 0.5
     copy_paste: bool = False
+    assumed_spacing: Spacing | None = None
     note: str = ""
     _indices: list[int] = field(default_factory=list)
 
@@ -165,6 +170,15 @@ class VolumeData:
                 )
             preps.append(np.moveaxis(p.data, 1, 0))  # (C, Z, Y, X)
         sp = spacing_list(extra.get("spacing"), len(imgs), "spacing")
+        # Files without a voxel size state 1 mm everywhere; thick slices would then be taken
+        # for cubes. A trained model keeps what it assumed before (its target is in those units).
+        before = cfg.get("assumed_spacing") if seg.trained else None
+        assumed = assume_spacing(sp, [d[0] for d in preps], before)
+
+        def known(spacings: list[Spacing]) -> list[Spacing]:
+            return [assumed if assumed and is_unit(s) else s for s in spacings]
+
+        sp = known(sp)
         fixed = cfg.get("target_spacing") if seg.trained else None
         plan = plan_geometry(
             [d.shape[1:] for d in preps],
@@ -189,7 +203,7 @@ class VolumeData:
         free_in = as_list(unlabeled)
         # Unlabeled / validation volumes default to the atlases' (median) spacing.
         common = tuple(float(v) for v in np.median(np.asarray(sp), 0))
-        usp = spacing_list(extra.get("unlabeled_spacing") or common, len(free_in), "unlabeled_spacing")
+        usp = known(spacing_list(extra.get("unlabeled_spacing") or common, len(free_in), "unlabeled_spacing"))
         free = []
         for i, (img, s) in enumerate(zip(free_in, usp)):
             p = prepare_image(img, channel_axis, preset)
@@ -201,7 +215,7 @@ class VolumeData:
         if vimgs:
             if len(vimgs) != len(vlabs):
                 raise TrainingDataError("give one val_labels volume per val_images volume")
-            vsp = spacing_list(extra.get("val_spacing") or common, len(vimgs), "val_spacing")
+            vsp = known(spacing_list(extra.get("val_spacing") or common, len(vimgs), "val_spacing"))
             val = []
             for img, lab, s in zip(vimgs, vlabs, vsp):
                 p = prepare_image(img, channel_axis, preset)
@@ -213,8 +227,21 @@ class VolumeData:
                 "validation on augmented views of the atlases (optimistic); "
                 "pass val_images/val_labels for held-out Dice"
             )
+        if assumed:
+            z = ", ".join(f"{v:g}" for v in assumed)
+            note = "; ".join(
+                n
+                for n in (
+                    f"the volumes state no voxel size (1 on every axis) but look anisotropic: "
+                    f"spacing ({z}) assumed — give the real spacing to override",
+                    note,
+                )
+                if n
+            )
+            log.info("efs-medseg: unit spacing given, (%s) assumed from the images", z)
         data = cls(
             atlases=atlases,  # type: ignore[arg-type]
+            assumed_spacing=assumed,
             unlabeled=free,
             val=val,  # type: ignore[arg-type]
             plan=plan,

@@ -68,7 +68,9 @@ def plan_geometry(
             t = np.maximum(t, hi)
     else:
         t = np.asarray(target, float)
-    size = np.maximum(1, np.round(extent / t)).astype(int)
+    # Rounded to 1e-6 first: 10.5 slices must round alike whatever the spacing's units
+    # (7.3 × 10.5 / 7.3 is 10.500000000000002 in floating point, 10 × 10.5 / 10 is 10.5).
+    size = np.maximum(1, np.round(np.round(extent / t, 6))).astype(int)
     patch = np.maximum(4, size)
     while np.prod(patch) > patch_voxels:
         axis = int(np.argmax(patch * t))
@@ -131,6 +133,98 @@ def pad_to(data: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Zero-pad the last three axes (at the end) up to at least ``shape``."""
     pads = [(0, 0)] * (data.ndim - 3) + [(0, max(0, s - n)) for n, s in zip(data.shape[-3:], shape)]
     return np.pad(data, pads) if any(p[1] for p in pads) else data
+
+
+# ----------------------------------------------------------------------------- unknown spacing
+#: A volume that states 1 mm on every axis (a file with no voxel size: identity-affine NIfTI,
+#: TIFF, NumPy) is treated as anisotropic when an axis looks at least this many times coarser
+#: (isotropic LA-2018 reads at most 1.34, ACDC's thick slices 2.6–8.7: see estimate_spacing).
+ANISOTROPY_RATIO = 2.5
+_CROP = 128  # voxels per axis of the central block the estimate reads (bounds time and memory)
+
+
+def is_unit(spacing: Sequence[float]) -> bool:
+    """True for (1, 1, 1): what readers report when a file carries no voxel size."""
+    return all(float(v) == 1.0 for v in spacing)
+
+
+def _mean_step(v: np.ndarray, axis: int, lag: int) -> float:
+    """Mean |v(p + lag·e_axis) − v(p)| over the volume (NaN when the axis is too short)."""
+    m = np.moveaxis(v, axis, 0)
+    return float(np.mean(np.abs(m[lag:] - m[:-lag]))) if lag < m.shape[0] else float("nan")
+
+
+def estimate_spacing(volume: np.ndarray, max_lag: int = 24) -> Spacing:
+    """Relative (z, y, x) voxel size read from the image itself, the finest axis = 1.
+
+    The ruler is the image's own structure function along its finest axes: the mean
+    intensity change over k voxels, k = 1, 2, ... An axis whose one-voxel change equals the
+    fine axes' k-voxel change has voxels about k times as large. Anatomy is not isotropic, so
+    the figure is rough — ACDC cine MRI (5–10 mm slices, 1.3–1.7 mm pixels) reads 2.6–8.7,
+    isotropic LA-2018 1.05–1.34 — but it tells thick slices from cubes.
+
+    Args:
+        volume: (Z, Y, X) intensities (any range; the 1st–99th percentiles are used).
+        max_lag: Largest ratio that can be read.
+
+    Returns:
+        (z, y, x) sizes relative to the finest axis; axes that change less per voxel than
+        the finest one read 1.
+    """
+    sl = tuple(slice(max(0, (n - _CROP) // 2), max(0, (n - _CROP) // 2) + _CROP) for n in volume.shape)
+    v = np.asarray(volume[sl], np.float32)
+    lo, hi = np.percentile(v, [1, 99])
+    v = np.clip((v - lo) / max(float(hi - lo), 1e-6), 0, 1)
+    step = np.array([_mean_step(v, a, 1) for a in range(3)])
+    if not np.all(np.isfinite(step)) or step.min() <= 0:
+        return (1.0, 1.0, 1.0)
+    fine = [a for a in range(3) if step[a] <= 1.5 * step.min()]  # the in-plane axes, usually
+    out = []
+    for a in range(3):
+        ref = [b for b in fine if b != a] or fine
+        prev, ratio = float(np.mean(step[ref])), 1.0
+        for k in range(2, max_lag + 1):  # walk the ruler until it passes this axis's step
+            if prev >= step[a]:
+                break
+            cur = float(np.nanmean([_mean_step(v, b, k) for b in ref]))
+            if not np.isfinite(cur):
+                break
+            ratio = float(k)
+            if cur >= step[a]:  # between lags k − 1 and k: interpolate linearly
+                ratio = k - 1 + (step[a] - prev) / max(cur - prev, 1e-9)
+                break
+            prev = cur
+        out.append(ratio)
+    return (float(out[0]), float(out[1]), float(out[2]))
+
+
+def assume_spacing(
+    spacings: list[Spacing], volumes: Sequence[np.ndarray], known: Sequence[float] | None = None
+) -> Spacing | None:
+    """The spacing to use for volumes that state none, or None to keep what they state.
+
+    Only when every spacing is (1, 1, 1) (no voxel size in the files): ``known`` (what a
+    trained model assumed before) if given, else the median :func:`estimate_spacing` of
+    ``volumes`` when an axis reads at least :data:`ANISOTROPY_RATIO` times the finest — thick
+    slices stated as cubes would otherwise get 3-D kernels, pooling and tilts across slices.
+    Axes below the ratio get 1 (equal in-plane sizes keep quarter turns exact).
+
+    Args:
+        spacings: The (z, y, x) spacings given for the volumes.
+        volumes: (Z, Y, X) intensities of the same volumes.
+        known: A previously assumed spacing.
+
+    Returns:
+        (z, y, x) to use instead, rounded to 0.1, or None.
+    """
+    if not spacings or not all(is_unit(s) for s in spacings):
+        return None
+    if known:
+        return tuple(float(v) for v in known)  # type: ignore[return-value]
+    est = np.median([estimate_spacing(v) for v in volumes], 0)
+    if est.max() < ANISOTROPY_RATIO:
+        return None
+    return tuple(round(float(e), 1) if e >= ANISOTROPY_RATIO else 1.0 for e in est)  # type: ignore[return-value]
 
 
 def spacing_list(value: Any, n: int, what: str) -> list[Spacing]:
