@@ -80,3 +80,27 @@ def test_patch_plan_does_not_depend_on_the_spacing_units() -> None:
     mm = plan_geometry(shapes, [(10.0, 1.5, 1.5)] * 2, 3, 16 * 48 * 48, 250_000)
     units = plan_geometry(shapes, [(7.3, 1.0, 1.0)] * 2, 3, 16 * 48 * 48, 250_000)
     assert units.patch == mm.patch == (10, 64, 64) and units.pools == mm.pools
+
+
+def test_cli_trains_identity_affine_nifti_with_an_assumed_spacing(tmp_path, capsys) -> None:
+    """NIfTI files with an identity affine (as ACDC's): the CLI says what it assumed."""
+    from napari_medseg.cli import main
+    from napari_medseg.engine.io import read_image, write_image
+
+    for i in (0, 1):
+        img, lab = thick_phantom(i)
+        write_image(tmp_path / "img" / f"c{i}.nii.gz", img)  # no scale: identity affine
+        write_image(tmp_path / "lab" / f"c{i}.nii.gz", lab)
+    assert read_image(tmp_path / "img" / "c0.nii.gz").scale == (1.0, 1.0, 1.0)
+    ckpt = tmp_path / "m.safetensors"
+    args = ["--images", str(tmp_path / "img"), "--labels", str(tmp_path / "lab"), "-o", str(ckpt)]
+    torch.manual_seed(0)
+    assert main(["train", "efs-medseg", *args, "--steps", "1", "--device", "cpu"]) == 0
+    assert "note: the volumes state no voxel size" in capsys.readouterr().err
+    assert nms.load_model(ckpt).config["assumed_spacing"][0] >= 2.5
+    out = tmp_path / "pred.nii.gz"
+    assert (
+        main(["segment", str(ckpt), str(tmp_path / "img" / "c1.nii.gz"), "-o", str(out), "--device", "cpu"])
+        == 0
+    )
+    assert read_image(out).data.shape == (8, 40, 40)

@@ -225,6 +225,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = None
     for p in seg.finetune(images, labels, unlabeled=unlabeled or None, steps=args.steps, **opts):
         if bar is None:
+            if p.message and rank == 0:  # what the data planner wants the user to know, once
+                sys.stderr.write(f"note: {p.message}\n")
             bar = _progress(p.total, f"training {seg.card.name}", enabled=rank == 0)
             bar.n = p.step - 1
         bar.update(1)
