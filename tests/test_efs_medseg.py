@@ -23,6 +23,7 @@ from napari_medseg.engine.train.volume_intensity import (
     CLASS_GAIN_RANGE,
     GAIN_MIN,
     bias_field,
+    blur_view,
     class_gain,
     intensity_view,
     random_curve,
@@ -399,6 +400,27 @@ def test_random_network_view_keeps_edges_can_reorder_and_off_draws_nothing() -> 
     a = intensity_view(img, np.random.default_rng(3), 1.0)
     np.testing.assert_array_equal(a, intensity_view(img, np.random.default_rng(3), 1.0, network_prob=0.0))
     assert not np.array_equal(a, intensity_view(img, np.random.default_rng(3), 1.0, network_prob=1.0))
+
+
+def test_blur_view_softens_edges_in_plane_only_and_off_draws_nothing() -> None:
+    # A vertical step edge in plane, inverted on the middle slice: every blurred or coarsened
+    # view keeps shape, range and each slice's own content (nothing mixes along z), and most
+    # views soften the edge (a coarsening factor near 1 can leave a small patch as it was).
+    rng = np.random.default_rng(0)
+    img = np.zeros((1, 3, 32, 32), np.float32)
+    img[..., 16:] = 1.0
+    img[0, 1] = 1.0 - img[0, 1]
+    softened = 0
+    for _ in range(20):
+        out = blur_view(img, rng)
+        assert out.shape == img.shape and out.dtype == np.float32
+        assert out.min() >= 0 and out.max() <= 1
+        assert out[0, 1, :, :8].mean() > 0.9 and out[0, 0, :, :8].mean() < 0.1  # slices kept apart
+        softened += int(np.abs(np.diff(out, axis=-1)).max() < 0.95)
+    assert softened >= 12
+    a = intensity_view(img, np.random.default_rng(3), 1.0)
+    np.testing.assert_array_equal(a, intensity_view(img, np.random.default_rng(3), 1.0, blur_prob=0.0))
+    assert not np.array_equal(a, intensity_view(img, np.random.default_rng(3), 1.0, blur_prob=1.0))
 
 
 def test_class_gain_scales_each_structure_and_leaves_the_background() -> None:

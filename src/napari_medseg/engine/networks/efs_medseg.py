@@ -117,6 +117,9 @@ class EfsMedSeg(Segmenter):
             # Share of training views first passed through a random shallow network (GIN,
             # engine/train/volume_intensity.py random_network); 0 = off.
             "intensity_network": 0.0,
+            # Share of training (and atlas-validation) views blurred or coarsened in plane
+            # first (nnU-Net's blur / low-resolution; volume_intensity.blur_view); 0 = off.
+            "intensity_blur": 0.0,
             # Share of atlas patches whose labeled structures get their own random gains
             # (engine/train/volume_intensity.py class_gain); 0 = off.
             "intensity_class_gain": 0.0,

@@ -88,6 +88,8 @@ class VolumeData:
         bias_prob: Share of views multiplied by a smooth random bias field.
         network_prob: Share of views passed through a random shallow network first
             (:func:`random_network`).
+        blur_prob: Share of views blurred or coarsened in plane before anything else
+            (:func:`blur_view`).
         class_gain_prob: Share of atlas patches whose structures get their own gains
             (:func:`class_gain`), before both views are made.
         fg_prob: Probability that a patch is centred on a labeled voxel.
@@ -114,6 +116,7 @@ class VolumeData:
     gain_prob: float = 0.0
     bias_prob: float = 0.0
     network_prob: float = 0.0
+    blur_prob: float = 0.0
     class_gain_prob: float = 0.0
     fg_prob: float = 0.5
     copy_paste: bool = False
@@ -222,7 +225,10 @@ class VolumeData:
                 v, vl = to_target(np.moveaxis(p.data, 1, 0), s, lab)
                 val.append((v, vl))  # type: ignore[arg-type]
         else:
-            val = [(intensity_view(a, rng, 0.7), lab) for a, lab in atlases]  # type: ignore[misc]
+            # Drawn with the training views' blur share: the sharp atlases alone would
+            # favour weights that are blind to blur.
+            blur = float(cfg.get("intensity_blur", 0.0))
+            val = [(intensity_view(a, rng, 0.7, blur_prob=blur), lab) for a, lab in atlases]  # type: ignore[misc]
             note = (
                 "validation on augmented views of the atlases (optimistic); "
                 "pass val_images/val_labels for held-out Dice"
@@ -270,6 +276,7 @@ class VolumeData:
             gain_prob=float(cfg.get("intensity_gain", 0.0)),
             bias_prob=float(cfg.get("intensity_bias", 0.0)),
             network_prob=float(cfg.get("intensity_network", 0.0)),
+            blur_prob=float(cfg.get("intensity_blur", 0.0)),
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
             fg_prob=float(cfg.get("patch_fg_prob", 0.5)),
             copy_paste=float(cfg.get("copy_paste_weight", 0.0)) > 0,
@@ -346,7 +353,14 @@ class VolumeData:
     def _view(self, image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
         """One random intensity view of a (C, *P) patch with this sampler's options."""
         return intensity_view(
-            image, rng, strength, self.curve_prob, self.gain_prob, self.bias_prob, self.network_prob
+            image,
+            rng,
+            strength,
+            self.curve_prob,
+            self.gain_prob,
+            self.bias_prob,
+            self.network_prob,
+            self.blur_prob,
         )
 
     def sample_batch(self, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Intensity augmentation of 3-D training patches (C, Z, Y, X) in [0, 1].
 
-The two intensity views of every patch (:func:`intensity_view`, optionally after a random
-shallow network, a random monotone curve, a gain or a smooth bias field), and the
+The two intensity views of every patch (:func:`intensity_view`, optionally after an in-plane
+blur or a lower resolution, a random shallow network, a random monotone curve, a gain or a
+smooth bias field), and the
 label-guided per-structure gain (:func:`class_gain`).
 Used by the patch sampler in volume_data.py.
 """
@@ -111,6 +112,26 @@ def class_gain(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -
     return np.clip(image * field[None], 0, 1).astype(np.float32)
 
 
+def blur_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """nnU-Net's Gaussian blur or simulated low resolution, in plane, on (C, Z, Y, X).
+
+    Half the time a Gaussian blur of SD U(0.5, 1.5) voxels along y and x; otherwise the slices
+    are sampled down by U(0.5, 1) (nearest) and back up (cubic). Blurry or coarse scans
+    (patient 039's cine MRI, whose hearts no atlas sharpness prepared for) then look like
+    training data. Only in plane: thick slices are already coarse along z.
+    """
+    from scipy.ndimage import gaussian_filter, zoom
+
+    if rng.random() < 0.5:
+        s = float(rng.uniform(0.5, 1.5))
+        return gaussian_filter(image, sigma=(0, 0, s, s)).astype(np.float32)
+    f = float(rng.uniform(0.5, 1.0))
+    small = zoom(image, (1, 1, f, f), order=0)
+    h, w = image.shape[2:]
+    back = zoom(small, (1, 1, h / small.shape[2], w / small.shape[3]), order=3)
+    return np.clip(back[:, :, :h, :w], 0, 1).astype(np.float32)
+
+
 def intensity_view(
     image: np.ndarray,
     rng: np.random.Generator,
@@ -119,10 +140,12 @@ def intensity_view(
     gain_prob: float = 0.0,
     bias_prob: float = 0.0,
     network_prob: float = 0.0,
+    blur_prob: float = 0.0,
 ) -> np.ndarray:
     """Random gamma, contrast, brightness and noise on a (C, Z, Y, X) image in [0, 1].
 
-    With probability ``network_prob`` a :func:`random_network` comes first; with probability
+    With probability ``blur_prob`` a :func:`blur_view` comes first; with probability
+    ``network_prob`` a :func:`random_network` next; with probability
     ``curve_prob`` a :func:`random_curve` next, then with probability
     ``gain_prob`` the view is multiplied by a log-uniform gain in [``GAIN_MIN``, 1]: the
     0.5-99.5 percentile scaling of MRI anchors its top on the brightest tissue, and a scan
@@ -133,6 +156,8 @@ def intensity_view(
     """
     if strength <= 0:
         return image
+    if blur_prob > 0 and rng.random() < blur_prob:
+        image = blur_view(image, rng)
     if network_prob > 0 and rng.random() < network_prob:
         image = random_network(image, rng)
     if curve_prob > 0 and rng.random() < curve_prob:
