@@ -235,15 +235,11 @@ class VolumeData:
             )
         if assumed:
             z = ", ".join(f"{v:g}" for v in assumed)
-            note = "; ".join(
-                n
-                for n in (
-                    f"the volumes state no voxel size (1 on every axis) but look anisotropic: "
-                    f"spacing ({z}) assumed — give the real spacing to override",
-                    note,
-                )
-                if n
+            said = (
+                "the volumes state no voxel size (1 on every axis) but look anisotropic: "
+                f"spacing ({z}) assumed — give the real spacing to override"
             )
+            note = f"{said}; {note}" if note else said
             log.info("efs-medseg: unit spacing given, (%s) assumed from the images", z)
         data = cls(
             atlases=atlases,  # type: ignore[arg-type]
