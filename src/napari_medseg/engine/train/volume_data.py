@@ -243,7 +243,6 @@ class VolumeData:
             log.info("efs-medseg: unit spacing given, (%s) assumed from the images", z)
         data = cls(
             atlases=atlases,  # type: ignore[arg-type]
-            assumed_spacing=assumed,
             unlabeled=free,
             val=val,  # type: ignore[arg-type]
             plan=plan,
@@ -276,6 +275,7 @@ class VolumeData:
             class_gain_prob=float(cfg.get("intensity_class_gain", 0.0)),
             fg_prob=float(cfg.get("patch_fg_prob", 0.5)),
             copy_paste=float(cfg.get("copy_paste_weight", 0.0)) > 0,
+            assumed_spacing=assumed,
             note=note,
         )
         data._indices = list(range(len(atlases)))
